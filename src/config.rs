@@ -1,0 +1,291 @@
+//! Typed model presets. A preset is a TOML file in `models/` listing the layers of G and D; it
+//! is stored in every checkpoint's metadata so later tools know what they are reading.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Presets compiled into the binaries, so `--preset NAME` works from any directory.
+pub const BUILTIN_PRESETS: &[(&str, &str)] = &[
+    (
+        "sagan-mnist28",
+        include_str!("../models/sagan-mnist28.toml"),
+    ),
+    (
+        "dcgan-mnist28",
+        include_str!("../models/dcgan-mnist28.toml"),
+    ),
+    ("sagan64", include_str!("../models/sagan64.toml")),
+    ("dcgan64", include_str!("../models/dcgan64.toml")),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    None,
+    Relu,
+    LeakyRelu,
+    Tanh,
+}
+
+/// One layer of a generator or discriminator, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerConfig {
+    /// Spectrally normalised convolution, optionally followed by batch norm, then `act`.
+    Conv {
+        out: usize,
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+        #[serde(default)]
+        batch_norm: bool,
+        #[serde(default = "no_activation")]
+        act: Activation,
+    },
+    /// Spectrally normalised transposed convolution, optionally followed by batch norm, then `act`.
+    ConvTranspose {
+        out: usize,
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+        #[serde(default)]
+        batch_norm: bool,
+        #[serde(default = "no_activation")]
+        act: Activation,
+    },
+    /// SAGAN self-attention block; keeps the shape.
+    Attention,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn no_activation() -> Activation {
+    Activation::None
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    pub layers: Vec<LayerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    pub channels: usize,
+    pub image_size: usize,
+    pub z_dim: usize,
+    /// Negative slope of every LeakyReLU.
+    #[serde(default = "default_leaky_slope")]
+    pub leaky_slope: f64,
+    pub generator: NetConfig,
+    pub discriminator: NetConfig,
+}
+
+fn default_leaky_slope() -> f64 {
+    0.1
+}
+
+/// Shape of a feature map flowing through a network: channels, height, width.
+pub type FeatureShape = (usize, usize, usize);
+
+impl LayerConfig {
+    /// The output shape for `input`, or why the layer cannot take it.
+    pub fn output_shape(
+        &self,
+        (c, h, w): FeatureShape,
+    ) -> std::result::Result<FeatureShape, String> {
+        match *self {
+            LayerConfig::Conv {
+                out,
+                kernel,
+                stride,
+                padding,
+                ..
+            } => {
+                if stride == 0 || h + 2 * padding < kernel || w + 2 * padding < kernel {
+                    return Err(format!(
+                        "conv k{kernel} s{stride} p{padding} cannot take {h}x{w}"
+                    ));
+                }
+                Ok((
+                    out,
+                    (h + 2 * padding - kernel) / stride + 1,
+                    (w + 2 * padding - kernel) / stride + 1,
+                ))
+            }
+            LayerConfig::ConvTranspose {
+                out,
+                kernel,
+                stride,
+                padding,
+                ..
+            } => {
+                let size = |s: usize| ((s - 1) * stride + kernel).checked_sub(2 * padding);
+                match (stride, size(h), size(w)) {
+                    (1.., Some(oh @ 1..), Some(ow @ 1..)) => Ok((out, oh, ow)),
+                    _ => Err(format!(
+                        "conv_transpose k{kernel} s{stride} p{padding} cannot take {h}x{w}"
+                    )),
+                }
+            }
+            LayerConfig::Attention if c < 8 => Err(format!(
+                "attention needs at least 8 channels (query/key use C/8), got {c}"
+            )),
+            LayerConfig::Attention => Ok((c, h, w)),
+        }
+    }
+}
+
+impl NetConfig {
+    /// Walks the layers from `input`, returning every layer's output shape.
+    pub fn shapes(&self, input: FeatureShape, net: &str) -> Result<Vec<FeatureShape>> {
+        let mut shape = input;
+        let mut shapes = Vec::with_capacity(self.layers.len());
+        for (i, layer) in self.layers.iter().enumerate() {
+            shape = layer
+                .output_shape(shape)
+                .map_err(|msg| Error::Config(format!("{net} layer {i}: {msg}")))?;
+            shapes.push(shape);
+        }
+        Ok(shapes)
+    }
+}
+
+impl ModelConfig {
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: ModelConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// A built-in preset by name, or a TOML file when `name_or_path` ends in `.toml`.
+    pub fn resolve(name_or_path: &str) -> Result<Self> {
+        if name_or_path.ends_with(".toml") {
+            let path = Path::new(name_or_path);
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            return Self::from_toml(&text).map_err(|e| Error::Dataset {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            });
+        }
+        match BUILTIN_PRESETS
+            .iter()
+            .find(|(name, _)| *name == name_or_path)
+        {
+            Some((_, text)) => Self::from_toml(text),
+            None => Err(Error::Config(format!(
+                "unknown preset '{name_or_path}' (built-in: {}; or pass a .toml file)",
+                preset_names().join(", ")
+            ))),
+        }
+    }
+
+    /// Checks that G maps z to an image of the stated shape and that D maps it to one logit.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.channels, 1 | 3) {
+            return Err(Error::Config(format!(
+                "{}: channels must be 1 or 3, got {}",
+                self.name, self.channels
+            )));
+        }
+        if self.z_dim == 0 {
+            return Err(Error::Config(format!(
+                "{}: z_dim must be positive",
+                self.name
+            )));
+        }
+        let image = (self.channels, self.image_size, self.image_size);
+        let g_out = self.generator.shapes((self.z_dim, 1, 1), "generator")?;
+        if g_out.last() != Some(&image) {
+            return Err(Error::Config(format!(
+                "{}: generator produces {:?}, the preset's image is {image:?}",
+                self.name,
+                g_out.last()
+            )));
+        }
+        let d_out = self.discriminator.shapes(image, "discriminator")?;
+        if d_out.last() != Some(&(1, 1, 1)) {
+            return Err(Error::Config(format!(
+                "{}: discriminator must end in one 1x1 logit, produces {:?}",
+                self.name,
+                d_out.last()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Result<Self> {
+        let cfg: ModelConfig =
+            serde_json::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn has_attention(&self) -> bool {
+        self.generator
+            .layers
+            .iter()
+            .any(|l| matches!(l, LayerConfig::Attention))
+    }
+}
+
+pub fn preset_names() -> Vec<&'static str> {
+    BUILTIN_PRESETS.iter().map(|(name, _)| *name).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_preset_parses_and_validates() {
+        for (name, text) in BUILTIN_PRESETS {
+            let cfg = ModelConfig::from_toml(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(&cfg.name, name);
+            assert_eq!(ModelConfig::from_json(&cfg.to_json()).unwrap(), cfg);
+        }
+    }
+
+    #[test]
+    fn sagan_mnist28_shapes_follow_the_spec() {
+        let cfg = ModelConfig::resolve("sagan-mnist28").unwrap();
+        let g = cfg.generator.shapes((128, 1, 1), "g").unwrap();
+        assert_eq!(
+            g,
+            vec![(256, 7, 7), (128, 14, 14), (128, 14, 14), (1, 28, 28)]
+        );
+        let d = cfg.discriminator.shapes((1, 28, 28), "d").unwrap();
+        assert_eq!(d, vec![(64, 14, 14), (64, 14, 14), (128, 7, 7), (1, 1, 1)]);
+    }
+
+    #[test]
+    fn a_preset_whose_generator_misses_the_image_size_is_rejected() {
+        let text = BUILTIN_PRESETS[0]
+            .1
+            .replace("image_size = 28", "image_size = 32");
+        let err = ModelConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("generator produces"), "{err}");
+    }
+
+    #[test]
+    fn unknown_preset_names_the_choices() {
+        let err = ModelConfig::resolve("nope").unwrap_err().to_string();
+        assert!(
+            err.contains("nope") && err.contains("sagan-mnist28"),
+            "{err}"
+        );
+    }
+}

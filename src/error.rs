@@ -1,0 +1,41 @@
+use std::path::PathBuf;
+
+/// Errors of the sagan library. Every variant that concerns a file names it, so the binaries
+/// can print one line that tells the user what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: {msg}")]
+    Image { path: PathBuf, msg: String },
+
+    #[error("{path}: {msg}")]
+    Dataset { path: PathBuf, msg: String },
+
+    #[error("{path}: {msg}")]
+    Checkpoint { path: PathBuf, msg: String },
+
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    #[cfg(feature = "train")]
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

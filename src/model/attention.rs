@@ -1,0 +1,182 @@
+//! The SAGAN self-attention block.
+
+use super::spectral_norm::{ConvKind, SNConv2d};
+use candle_core::{ModuleT, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// y = gamma * o + x, where o attends from every position to every other.
+///
+/// query and key are 1x1 convs to C/8 channels, value a 1x1 conv C -> C; the energy q^T k over
+/// the N = H*W positions is softmaxed over the keys. gamma starts at 0, so the block begins as
+/// the identity and the network learns how much non-local evidence to use.
+pub struct SelfAttention {
+    query: SNConv2d,
+    key: SNConv2d,
+    value: SNConv2d,
+    gamma: Tensor,
+}
+
+impl SelfAttention {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        let reduced = channels / 8;
+        let conv1x1 = |name: &str, out: usize| {
+            SNConv2d::new(vb.pp(name), ConvKind::Conv, channels, out, 1, 1, 0)
+        };
+        Ok(Self {
+            query: conv1x1("query", reduced)?,
+            key: conv1x1("key", reduced)?,
+            value: conv1x1("value", channels)?,
+            gamma: vb.get_with_hints(1, "gamma", Init::Const(0.0))?,
+        })
+    }
+
+    pub fn query(&self) -> &SNConv2d {
+        &self.query
+    }
+
+    pub fn key(&self) -> &SNConv2d {
+        &self.key
+    }
+
+    pub fn value(&self) -> &SNConv2d {
+        &self.value
+    }
+
+    pub fn gamma(&self) -> &Tensor {
+        &self.gamma
+    }
+
+    /// The block's output and its attention map [B, N, N] (row = query position, softmax over keys).
+    pub fn forward_with_map(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let (b, c, h, w) = x.dims4()?;
+        let n = h * w;
+        let q = self.query.forward_t(x, train)?.reshape((b, (), n))?; // [B, C/8, N]
+        let k = self.key.forward_t(x, train)?.reshape((b, (), n))?; // [B, C/8, N]
+        let v = self.value.forward_t(x, train)?.reshape((b, c, n))?; // [B, C, N]
+        let energy = q.transpose(1, 2)?.matmul(&k)?; // [B, N, N]
+                                                     // The differentiable softmax: softmax_last_dim has no backward.
+        let attention = candle_nn::ops::softmax(&energy, D::Minus1)?;
+        let o = v
+            .matmul(&attention.transpose(1, 2)?)?
+            .reshape((b, c, h, w))?;
+        let y = (o.broadcast_mul(&self.gamma.reshape((1, 1, 1, 1))?)? + x)?;
+        Ok((y, attention))
+    }
+}
+
+impl ModuleT for SelfAttention {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.forward_with_map(x, train)?.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::{seeded_var_builder, stream};
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn block(channels: usize) -> (VarMap, SelfAttention) {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, stream(11, 1), &Device::Cpu);
+        let attn = SelfAttention::new(vb, channels).unwrap();
+        (varmap, attn)
+    }
+
+    fn input(b: usize, c: usize, h: usize, w: usize) -> Tensor {
+        let mut rng = stream(5, 5);
+        let v = crate::rng::normal_vec(&mut rng, b * c * h * w);
+        Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn starts_as_identity_with_row_stochastic_map() {
+        let (_, attn) = block(16);
+        let x = input(2, 16, 3, 4);
+        let (y, map) = attn.forward_with_map(&x, false).unwrap();
+        assert_eq!(map.dims(), &[2, 12, 12]);
+        let diff = (y - &x)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "gamma = 0 must make the block the identity");
+        let row_sums = map
+            .sum(D::Minus1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(row_sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+    }
+
+    #[test]
+    fn output_matches_a_per_position_reference() {
+        let (mut varmap, attn) = block(8);
+        varmap
+            .set_one("gamma", Tensor::new(&[0.7f32], &Device::Cpu).unwrap())
+            .unwrap();
+        let x = input(1, 8, 2, 3);
+        let (y, map) = attn.forward_with_map(&x, false).unwrap();
+        let v = attn
+            .value
+            .forward_t(&x, false)
+            .unwrap()
+            .reshape((8, 6))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let map = map.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        let xs = x.reshape((8, 6)).unwrap().to_vec2::<f32>().unwrap();
+        let ys = y.reshape((8, 6)).unwrap().to_vec2::<f32>().unwrap();
+        for c in 0..8 {
+            for i in 0..6 {
+                // o[c, i] = sum_j v[c, j] * attention[i, j]
+                let o: f32 = (0..6).map(|j| v[c][j] * map[i][j]).sum();
+                assert!((ys[c][i] - (0.7 * o + xs[c][i])).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_reach_gamma_and_every_conv() {
+        let (mut varmap, attn) = block(8);
+        varmap
+            .set_one("gamma", Tensor::new(&[0.5f32], &Device::Cpu).unwrap())
+            .unwrap();
+        let x = input(2, 8, 2, 2);
+        let loss = attn
+            .forward_t(&x, true)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for name in [
+            "gamma",
+            "query.weight",
+            "key.weight",
+            "value.weight",
+            "value.bias",
+        ] {
+            let var = varmap.data().lock().unwrap()[name].clone();
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no grad for {name}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{name} got a zero gradient");
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The networks: spectral-normalised convolutions, self-attention, and the generator and
+//! discriminator built from a preset's layer list.
+
+pub mod attention;
+pub mod discriminator;
+pub mod generator;
+pub mod spectral_norm;
+
+pub use attention::SelfAttention;
+pub use discriminator::Discriminator;
+pub use generator::Generator;
+pub use spectral_norm::{ConvKind, SNConv2d, SNLinear, SpectralNorm};
+
+use crate::config::{Activation, FeatureShape, LayerConfig, NetConfig};
+use candle_core::{ModuleT, Result, Tensor};
+use candle_nn::{BatchNorm, BatchNormConfig, VarBuilder};
+
+/// One entry of a network's layer list.
+pub enum Layer {
+    Conv {
+        conv: SNConv2d,
+        batch_norm: Option<BatchNorm>,
+        act: Activation,
+    },
+    Attention(SelfAttention),
+}
+
+/// The layers of G or D in order, as the preset lists them. Weights are named
+/// `layers.{i}.conv.weight`, `layers.{i}.bn.running_mean`, `layers.{i}.query.weight`, ...
+pub struct LayerStack {
+    layers: Vec<Layer>,
+    leaky_slope: f64,
+}
+
+pub fn apply_activation(x: &Tensor, act: Activation, leaky_slope: f64) -> Result<Tensor> {
+    match act {
+        Activation::None => Ok(x.clone()),
+        Activation::Relu => x.relu(),
+        Activation::LeakyRelu => candle_nn::ops::leaky_relu(x, leaky_slope),
+        Activation::Tanh => x.tanh(),
+    }
+}
+
+impl LayerStack {
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &NetConfig,
+        input: FeatureShape,
+        leaky_slope: f64,
+    ) -> Result<Self> {
+        let mut channels = input.0;
+        let mut layers = Vec::with_capacity(cfg.layers.len());
+        for (i, layer_cfg) in cfg.layers.iter().enumerate() {
+            let vb = vb.pp(i.to_string());
+            let layer = match *layer_cfg {
+                LayerConfig::Conv {
+                    out,
+                    kernel,
+                    stride,
+                    padding,
+                    batch_norm,
+                    act,
+                }
+                | LayerConfig::ConvTranspose {
+                    out,
+                    kernel,
+                    stride,
+                    padding,
+                    batch_norm,
+                    act,
+                } => {
+                    let kind = match layer_cfg {
+                        LayerConfig::Conv { .. } => ConvKind::Conv,
+                        _ => ConvKind::Transpose,
+                    };
+                    let conv =
+                        SNConv2d::new(vb.pp("conv"), kind, channels, out, kernel, stride, padding)?;
+                    let batch_norm = match batch_norm {
+                        true => Some(candle_nn::batch_norm(
+                            out,
+                            BatchNormConfig::default(),
+                            vb.pp("bn"),
+                        )?),
+                        false => None,
+                    };
+                    channels = out;
+                    Layer::Conv {
+                        conv,
+                        batch_norm,
+                        act,
+                    }
+                }
+                LayerConfig::Attention => Layer::Attention(SelfAttention::new(vb, channels)?),
+            };
+            layers.push(layer);
+        }
+        Ok(Self {
+            layers,
+            leaky_slope,
+        })
+    }
+
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    pub fn leaky_slope(&self) -> f64 {
+        self.leaky_slope
+    }
+
+    /// Runs every layer; also returns each attention layer's map [B, N, N], in order.
+    pub fn forward_with_maps(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut x = x.clone();
+        let mut maps = Vec::new();
+        for layer in &self.layers {
+            x = match layer {
+                Layer::Conv {
+                    conv,
+                    batch_norm,
+                    act,
+                } => {
+                    let mut y = conv.forward_t(&x, train)?;
+                    if let Some(bn) = batch_norm {
+                        y = bn.forward_t(&y, train)?;
+                    }
+                    apply_activation(&y, *act, self.leaky_slope)?
+                }
+                Layer::Attention(attention) => {
+                    let (y, map) = attention.forward_with_map(&x, train)?;
+                    maps.push(map);
+                    y
+                }
+            };
+        }
+        Ok((x, maps))
+    }
+
+    /// Every attention layer's gamma, in order.
+    pub fn gammas(&self) -> Result<Vec<f32>> {
+        self.layers
+            .iter()
+            .filter_map(|l| match l {
+                Layer::Attention(a) => Some(
+                    a.gamma()
+                        .flatten_all()
+                        .and_then(|g| g.get(0)?.to_scalar::<f32>()),
+                ),
+                Layer::Conv { .. } => None,
+            })
+            .collect()
+    }
+}

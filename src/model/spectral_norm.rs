@@ -1,0 +1,285 @@
+//! Spectral normalisation (Miyato et al. 2018) of conv, transposed-conv and linear weights.
+//!
+//! The weight is viewed as a matrix with one row per output unit; its largest singular value
+//! sigma is estimated by power iteration and the layer uses W / sigma. The iteration vectors u
+//! and v are variables of the VarMap (saved in checkpoints, never given gradients): one power
+//! iteration per training forward refines them; evaluation uses them as stored.
+
+use candle_core::{Module, ModuleT, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+const EPS: f64 = 1e-12;
+
+pub struct SpectralNorm {
+    weight: Tensor,
+    u: Var,
+    v: Var,
+    /// The axis of `weight` that indexes output units (0 for conv/linear, 1 for conv-transpose).
+    out_axis: usize,
+}
+
+fn normalize(x: &Tensor) -> Result<Tensor> {
+    x.broadcast_div(&(x.sqr()?.sum_all()?.sqrt()? + EPS)?)
+}
+
+/// A variable of the VarMap as a `Var`, so that it can be updated in place.
+fn var_from(vb: &VarBuilder, shape: usize, name: &str) -> Result<Var> {
+    let tensor = vb.get_with_hints(
+        shape,
+        name,
+        Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        },
+    )?;
+    Var::from_tensor(&tensor)
+}
+
+impl SpectralNorm {
+    /// Wraps `weight` (a variable of `vb`'s VarMap); u and v are `{name}_u`, `{name}_v` in `vb`.
+    pub fn new(weight: Tensor, out_axis: usize, vb: &VarBuilder, name: &str) -> Result<Self> {
+        let rows = weight.dim(out_axis)?;
+        let cols = weight.elem_count() / rows;
+        let u = var_from(vb, rows, &format!("{name}_u"))?;
+        let v = var_from(vb, cols, &format!("{name}_v"))?;
+        Ok(Self {
+            weight,
+            u,
+            v,
+            out_axis,
+        })
+    }
+
+    /// The raw (unnormalised) weight.
+    pub fn raw_weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The weight as a [rows, cols] matrix, rows indexing output units.
+    fn matrix(&self) -> Result<Tensor> {
+        let w = if self.out_axis == 0 {
+            self.weight.clone()
+        } else {
+            self.weight.transpose(0, self.out_axis)?
+        };
+        let rows = w.dim(0)?;
+        w.contiguous()?.reshape((rows, ()))
+    }
+
+    /// sigma = u^T W v, differentiable in W (u and v are constants of the graph).
+    fn sigma_of(matrix: &Tensor, u: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let wv = matrix.matmul(&v.unsqueeze(1)?)?.squeeze(1)?;
+        (u * wv)?.sum_all()
+    }
+
+    /// The normalised weight W / sigma. With `update`, first runs one power iteration and
+    /// stores the new u and v (training); without, uses them as stored (evaluation).
+    pub fn weight(&self, update: bool) -> Result<Tensor> {
+        let matrix = self.matrix()?;
+        if update {
+            let w = matrix.detach();
+            let v = normalize(
+                &w.t()?
+                    .matmul(&self.u.as_tensor().unsqueeze(1)?)?
+                    .squeeze(1)?,
+            )?;
+            let u = normalize(&w.matmul(&v.unsqueeze(1)?)?.squeeze(1)?)?;
+            self.u.set(&u)?;
+            self.v.set(&v)?;
+        }
+        let sigma = Self::sigma_of(
+            &matrix,
+            &self.u.as_tensor().detach(),
+            &self.v.as_tensor().detach(),
+        )?;
+        self.weight.broadcast_div(&sigma)
+    }
+
+    /// The current sigma estimate as a number, from the stored vectors.
+    pub fn sigma(&self) -> Result<f32> {
+        Self::sigma_of(&self.matrix()?, self.u.as_tensor(), self.v.as_tensor())?.to_scalar()
+    }
+}
+
+/// How a convolution's weight is laid out and applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvKind {
+    /// Weight [out, in, k, k].
+    Conv,
+    /// Weight [in, out, k, k], as candle's `conv_transpose2d` expects.
+    Transpose,
+}
+
+/// A spectrally normalised 2-D convolution or transposed convolution with bias.
+pub struct SNConv2d {
+    sn: SpectralNorm,
+    bias: Tensor,
+    kind: ConvKind,
+    stride: usize,
+    padding: usize,
+}
+
+/// DCGAN/SAGAN-style initialisation; spectral norm makes the scale irrelevant, the direction is what counts.
+const WEIGHT_INIT: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
+
+impl SNConv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        vb: VarBuilder,
+        kind: ConvKind,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let (shape, out_axis) = match kind {
+            ConvKind::Conv => ((out_channels, in_channels, kernel, kernel), 0),
+            ConvKind::Transpose => ((in_channels, out_channels, kernel, kernel), 1),
+        };
+        let weight = vb.get_with_hints(shape, "weight", WEIGHT_INIT)?;
+        let sn = SpectralNorm::new(weight, out_axis, &vb, "weight")?;
+        let bias = vb.get_with_hints(out_channels, "bias", Init::Const(0.0))?;
+        Ok(Self {
+            sn,
+            bias,
+            kind,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn spectral_norm(&self) -> &SpectralNorm {
+        &self.sn
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub fn kind(&self) -> ConvKind {
+        self.kind
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+}
+
+impl ModuleT for SNConv2d {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let w = self.sn.weight(train)?;
+        let y = match self.kind {
+            ConvKind::Conv => x.conv2d(&w, self.padding, self.stride, 1, 1)?,
+            ConvKind::Transpose => x.conv_transpose2d(&w, self.padding, 0, self.stride, 1)?,
+        };
+        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+    }
+}
+
+/// A spectrally normalised linear layer, weight [out, in].
+pub struct SNLinear {
+    sn: SpectralNorm,
+    bias: Tensor,
+}
+
+impl SNLinear {
+    pub fn new(vb: VarBuilder, in_features: usize, out_features: usize) -> Result<Self> {
+        let weight = vb.get_with_hints((out_features, in_features), "weight", WEIGHT_INIT)?;
+        let sn = SpectralNorm::new(weight, 0, &vb, "weight")?;
+        let bias = vb.get_with_hints(out_features, "bias", Init::Const(0.0))?;
+        Ok(Self { sn, bias })
+    }
+}
+
+impl ModuleT for SNLinear {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let w = self.sn.weight(train)?;
+        candle_nn::Linear::new(w, Some(self.bias.clone())).forward(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::{seeded_var_builder, stream};
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn largest_singular_value(m: &[Vec<f32>]) -> f32 {
+        // Many power iterations on M^T M, in f64, as the reference.
+        let (rows, cols) = (m.len(), m[0].len());
+        let mut v = vec![1.0f64; cols];
+        let mut sigma = 0.0;
+        for _ in 0..500 {
+            let mv: Vec<f64> = (0..rows)
+                .map(|r| (0..cols).map(|c| m[r][c] as f64 * v[c]).sum())
+                .collect();
+            let mtmv: Vec<f64> = (0..cols)
+                .map(|c| (0..rows).map(|r| m[r][c] as f64 * mv[r]).sum())
+                .collect();
+            let norm = mtmv.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v = mtmv.iter().map(|x| x / norm).collect();
+            sigma = norm.sqrt();
+        }
+        sigma as f32
+    }
+
+    #[test]
+    fn power_iteration_converges_to_the_largest_singular_value() {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, stream(3, 1), &Device::Cpu);
+        let conv = SNConv2d::new(vb, ConvKind::Transpose, 6, 4, 3, 1, 0).unwrap();
+        for _ in 0..200 {
+            conv.sn.weight(true).unwrap();
+        }
+        // Rows are output units: weight [in, out, k, k] -> [out, in*k*k].
+        let m = conv.sn.matrix().unwrap().to_vec2::<f32>().unwrap();
+        let expected = largest_singular_value(&m);
+        let sigma = conv.sn.sigma().unwrap();
+        assert!(
+            (sigma - expected).abs() / expected < 1e-3,
+            "{sigma} vs {expected}"
+        );
+        let normalised = conv.sn.weight(false).unwrap().transpose(0, 1).unwrap();
+        let rows = normalised.dim(0).unwrap();
+        let m = normalised
+            .contiguous()
+            .unwrap()
+            .reshape((rows, ()))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!((largest_singular_value(&m) - 1.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn evaluation_leaves_u_and_v_alone_training_updates_them() {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, stream(4, 1), &Device::Cpu);
+        let lin = SNLinear::new(vb, 5, 3).unwrap();
+        let u0 = lin.sn.u.as_tensor().to_vec1::<f32>().unwrap();
+        lin.forward_t(
+            &Tensor::ones((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(lin.sn.u.as_tensor().to_vec1::<f32>().unwrap(), u0);
+        lin.forward_t(
+            &Tensor::ones((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            true,
+        )
+        .unwrap();
+        assert_ne!(lin.sn.u.as_tensor().to_vec1::<f32>().unwrap(), u0);
+        // u and v live in the VarMap, so checkpoints carry them.
+        let names: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        assert!(names.contains(&"weight_u".to_string()) && names.contains(&"weight_v".to_string()));
+    }
+}
