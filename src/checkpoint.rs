@@ -1,1 +1,308 @@
+//! Checkpoints: safetensors files whose metadata say what they hold (kind, preset, training
+//! configuration, step), grouped per step in a run directory and written atomically.
+//!
+//! ```text
+//! RUN_DIR/checkpoints/step-00000500/generator.safetensors
+//!                                  /generator_ema.safetensors   (when EMA is on)
+//!                                  /discriminator.safetensors
+//!                                  /optimizer.safetensors
+//! ```
 
+use crate::config::{ModelConfig, TrainConfig};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT: &str = "sagan-checkpoint-v1";
+
+/// What a checkpoint file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Generator,
+    GeneratorEma,
+    Discriminator,
+    Optimizer,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Generator => "generator",
+            Kind::GeneratorEma => "generator_ema",
+            Kind::Discriminator => "discriminator",
+            Kind::Optimizer => "optimizer",
+        }
+    }
+
+    pub fn file_name(self) -> String {
+        format!("{}.safetensors", self.name())
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        [Kind::Generator, Kind::GeneratorEma, Kind::Discriminator, Kind::Optimizer]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+}
+
+/// The metadata every sagan checkpoint file carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metadata {
+    pub kind: Kind,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub step: usize,
+}
+
+impl Metadata {
+    fn to_map(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("kind".to_string(), self.kind.name().to_string()),
+            ("model".to_string(), self.model.to_json()),
+            ("train".to_string(), serde_json::to_string(&self.train).unwrap_or_default()),
+            ("step".to_string(), self.step.to_string()),
+            ("seed".to_string(), self.train.seed.to_string()),
+            ("producer".to_string(), format!("sagan {}", env!("CARGO_PKG_VERSION"))),
+        ])
+    }
+
+    fn from_map(map: &HashMap<String, String>, path: &Path) -> Result<Self> {
+        let bad = |msg: String| Error::Checkpoint { path: path.to_path_buf(), msg };
+        if map.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(bad("not a sagan checkpoint (no sagan format tag in its metadata)".into()));
+        }
+        let field = |key: &str| map.get(key).ok_or_else(|| bad(format!("metadata lacks '{key}'")));
+        let kind = Kind::parse(field("kind")?).ok_or_else(|| bad(format!("unknown kind '{}'", map["kind"])))?;
+        let model = ModelConfig::from_json(field("model")?).map_err(|e| bad(format!("its preset: {e}")))?;
+        let train = serde_json::from_str(field("train")?).map_err(|e| bad(format!("its training config: {e}")))?;
+        let step = field("step")?.parse().map_err(|e| bad(format!("bad step: {e}")))?;
+        Ok(Self { kind, model, train, step })
+    }
+}
+
+/// All variables of `varmap`, sorted by name.
+pub fn varmap_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut tensors: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+/// Serialises tensors and metadata to `path` atomically.
+pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &Metadata) -> Result<()> {
+    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta.to_map()))
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
+/// Reads the metadata of a checkpoint file without loading its tensors.
+pub fn read_metadata(path: &Path) -> Result<Metadata> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse(&bytes, path, None).map(|(_, meta)| meta)
+}
+
+/// Loads a checkpoint file: its tensors and its metadata.
+pub fn load(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Metadata)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse(&bytes, path, Some(device)).map(|(t, meta)| (t.unwrap_or_default(), meta))
+}
+
+type Parsed = (Option<HashMap<String, Tensor>>, Metadata);
+
+fn parse(bytes: &[u8], path: &Path, device: Option<&Device>) -> Result<Parsed> {
+    let bad = |msg: String| Error::Checkpoint { path: path.to_path_buf(), msg };
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
+    let meta = Metadata::from_map(header.metadata().as_ref().unwrap_or(&HashMap::new()), path)?;
+    let tensors = match device {
+        None => None,
+        Some(device) => Some(
+            candle_core::safetensors::load_buffer(bytes, device)
+                .map_err(|e| bad(format!("corrupt tensor data ({e})")))?,
+        ),
+    };
+    Ok((tensors, meta))
+}
+
+/// Sets every variable of `varmap` from `tensors`; names and shapes must match exactly.
+pub fn restore_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let bad = |msg: String| Error::Checkpoint { path: path.to_path_buf(), msg };
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(extra) = tensors.keys().find(|k| !data.contains_key(*k)) {
+        return Err(bad(format!("holds '{extra}', which the model does not have")));
+    }
+    let mut names: Vec<_> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let tensor = tensors.get(name).ok_or_else(|| bad(format!("lacks '{name}'")))?;
+        let var = &data[name];
+        if tensor.shape() != var.shape() {
+            return Err(bad(format!("'{name}' has shape {:?}, the model expects {:?}", tensor.dims(), var.dims())));
+        }
+        var.set(tensor)?;
+    }
+    Ok(())
+}
+
+/// A training run's directory.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    pub fn samples(&self) -> PathBuf {
+        self.root.join("samples")
+    }
+
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+
+    pub fn curves(&self) -> PathBuf {
+        self.root.join("curves.png")
+    }
+
+    pub fn step_dir(&self, step: usize) -> PathBuf {
+        self.checkpoints().join(format!("step-{step:08}"))
+    }
+
+    /// Complete checkpoints (directories named step-N), oldest first.
+    pub fn checkpoint_steps(&self) -> Result<Vec<usize>> {
+        let dir = self.checkpoints();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(dir, e)),
+        };
+        let mut steps: Vec<usize> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+            .collect();
+        steps.sort_unstable();
+        Ok(steps)
+    }
+
+    pub fn latest_step(&self) -> Result<Option<usize>> {
+        Ok(self.checkpoint_steps()?.last().copied())
+    }
+
+    /// Creates the directories a run writes into.
+    pub fn create(&self) -> Result<()> {
+        for dir in [self.checkpoints(), self.samples()] {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes one checkpoint: the files go into a hidden directory that is renamed to
+    /// step-N only once all are complete, so a crash leaves the previous checkpoints intact.
+    /// Then removes all but the newest `keep_last` checkpoints.
+    pub fn write_checkpoint(&self, step: usize, files: &[(Metadata, Vec<(String, Tensor)>)], keep_last: usize) -> Result<PathBuf> {
+        let final_dir = self.step_dir(step);
+        let tmp_dir = self.checkpoints().join(format!(".step-{step:08}.partial"));
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+        std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        let written = files
+            .iter()
+            .try_for_each(|(meta, tensors)| save(&tmp_dir.join(meta.kind.file_name()), tensors, meta));
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&tmp_dir);
+            return Err(e);
+        }
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        }
+        std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        let steps = self.checkpoint_steps()?;
+        for old in steps.iter().take(steps.len().saturating_sub(keep_last.max(1))) {
+            let dir = self.step_dir(*old);
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(final_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(kind: Kind, step: usize) -> Metadata {
+        Metadata {
+            kind,
+            model: ModelConfig::resolve("sagan-mnist28").unwrap(),
+            train: TrainConfig::default(),
+            step,
+        }
+    }
+
+    fn tensors() -> Vec<(String, Tensor)> {
+        vec![("a.weight".into(), Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap())]
+    }
+
+    #[test]
+    fn round_trip_keeps_tensors_and_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.safetensors");
+        save(&path, &tensors(), &meta(Kind::Generator, 42)).unwrap();
+        let (loaded, m) = load(&path, &Device::Cpu).unwrap();
+        assert_eq!(m, meta(Kind::Generator, 42));
+        assert_eq!(loaded["a.weight"].to_vec2::<f32>().unwrap(), vec![vec![0., 1., 2.], vec![3., 4., 5.]]);
+        assert_eq!(read_metadata(&path).unwrap().step, 42);
+    }
+
+    #[test]
+    fn truncated_and_foreign_files_are_named_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.safetensors");
+        save(&path, &tensors(), &meta(Kind::Generator, 1)).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        let err = load(&path, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("g.safetensors"), "{err}");
+
+        let foreign = dir.path().join("foreign.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("x", Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap())]), &foreign).unwrap();
+        let err = load(&foreign, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("foreign.safetensors") && err.contains("not a sagan checkpoint"), "{err}");
+    }
+
+    #[test]
+    fn checkpoints_rotate_and_latest_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::new(dir.path());
+        run.create().unwrap();
+        for step in [10, 20, 30, 40] {
+            run.write_checkpoint(step, &[(meta(Kind::Generator, step), tensors())], 2).unwrap();
+        }
+        assert_eq!(run.checkpoint_steps().unwrap(), vec![30, 40]);
+        assert_eq!(run.latest_step().unwrap(), Some(40));
+        assert!(run.step_dir(40).join("generator.safetensors").exists());
+    }
+
+    #[test]
+    fn restore_rejects_missing_and_misshapen_variables() {
+        let varmap = VarMap::new();
+        varmap.get((2, 3), "a.weight", candle_nn::Init::Const(0.), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let good: HashMap<_, _> = tensors().into_iter().collect();
+        restore_varmap(&varmap, &good, Path::new("x")).unwrap();
+        let wrong = HashMap::from([("a.weight".to_string(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap())]);
+        assert!(restore_varmap(&varmap, &wrong, Path::new("x")).unwrap_err().to_string().contains("shape"));
+        assert!(restore_varmap(&varmap, &HashMap::new(), Path::new("x")).unwrap_err().to_string().contains("lacks"));
+    }
+}

@@ -242,6 +242,89 @@ impl ModelConfig {
     }
 }
 
+/// The adversarial loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// SAGAN's loss: D minimises relu(1 - D(x)) + relu(1 + D(G(z))), G minimises -D(G(z)).
+    #[default]
+    Hinge,
+    /// The non-saturating loss of the original GAN paper, in logits (softplus).
+    NonSaturating,
+}
+
+/// Everything that decides what a training run computes. Stored in every checkpoint, so a
+/// resumed run continues exactly where it stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Generator steps in total (each preceded by `n_dis` discriminator steps).
+    pub steps: usize,
+    pub batch_size: usize,
+    pub lr_d: f64,
+    pub lr_g: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub n_dis: usize,
+    pub loss: LossKind,
+    /// Decay of the exponential moving average of G's weights; `None` keeps no average.
+    pub ema_decay: Option<f64>,
+    pub seed: u64,
+    /// The training images: an MNIST IDX file or directory, or an image folder; `None` is the
+    /// built-in MNIST subset.
+    pub data: Option<std::path::PathBuf>,
+}
+
+impl Default for TrainConfig {
+    /// The SAGAN paper's settings: two time-scale Adam with betas (0, 0.9), hinge loss.
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 64,
+            lr_d: 4e-4,
+            lr_g: 1e-4,
+            beta1: 0.0,
+            beta2: 0.9,
+            n_dis: 1,
+            loss: LossKind::Hinge,
+            ema_decay: Some(0.999),
+            seed: 0,
+            data: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let fail = |msg: String| Err(Error::Config(msg));
+        if self.steps == 0 {
+            return fail("--steps must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return fail("--batch-size must be at least 1".into());
+        }
+        if self.n_dis == 0 {
+            return fail("--n-dis must be at least 1".into());
+        }
+        for (name, lr) in [("--lr-d", self.lr_d), ("--lr-g", self.lr_g)] {
+            if !(lr.is_finite() && lr > 0.0) {
+                return fail(format!("{name} must be a positive number, got {lr}"));
+            }
+        }
+        for (name, beta) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return fail(format!("{name} must be in [0, 1), got {beta}"));
+            }
+        }
+        if let Some(decay) = self.ema_decay {
+            if !(0.0..1.0).contains(&decay) {
+                return fail(format!("--ema-decay must be in [0, 1) (0 turns it off), got {decay}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 pub fn preset_names() -> Vec<&'static str> {
     BUILTIN_PRESETS.iter().map(|(name, _)| *name).collect()
 }

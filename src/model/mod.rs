@@ -135,18 +135,14 @@ impl LayerStack {
         Ok((x, maps))
     }
 
-    /// Every attention layer's gamma, in order.
-    pub fn gammas(&self) -> Result<Vec<f32>> {
-        self.layers
-            .iter()
-            .filter_map(|l| match l {
-                Layer::Attention(a) => Some(
-                    a.gamma()
-                        .flatten_all()
-                        .and_then(|g| g.get(0)?.to_scalar::<f32>()),
-                ),
-                Layer::Conv { .. } => None,
-            })
-            .collect()
+    /// Every attention layer's index in the stack and its gamma, in order.
+    pub fn gammas(&self) -> Result<Vec<(usize, f32)>> {
+        let mut gammas = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if let Layer::Attention(a) = layer {
+                gammas.push((i, a.gamma().flatten_all()?.get(0)?.to_scalar::<f32>()?));
+            }
+        }
+        Ok(gammas)
     }
 }

@@ -1,1 +1,414 @@
+//! The training loop: hinge-loss SAGAN with two time-scale Adam, EMA of G, checkpoints,
+//! samples, attention maps and metrics in a run directory.
 
+pub mod adam;
+pub mod cpu;
+pub mod ema;
+pub mod loss;
+pub mod metrics;
+
+use crate::checkpoint::{self, Kind, Metadata, RunDir};
+use crate::config::{ModelConfig, TrainConfig};
+use crate::data::Dataset;
+use crate::image_io::{attention_overlay, default_queries, save_grid, save_png, ImageBatch};
+use crate::model::{Discriminator, Generator, LayerStack};
+use crate::rng::{self, streams};
+use crate::{Error, Result};
+use adam::{Adam, AdamConfig};
+use candle_core::{Device, ModuleT, Tensor};
+use candle_nn::VarMap;
+use ema::Ema;
+use metrics::{MetricsLog, Record};
+use rand::seq::SliceRandom;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// How often things are written; none of it changes what is computed, so it may differ on resume.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub sample_every: usize,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub keep_last: usize,
+    /// Draw a progress bar (else log plain lines).
+    pub progress_bar: bool,
+}
+
+/// How a call to [`Trainer::run`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Finished { step: usize },
+    Interrupted { step: usize },
+}
+
+/// Numbers from one generator step and the discriminator steps before it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    pub d_loss: f32,
+    pub g_loss: f32,
+    pub d_real: f32,
+    pub d_fake: f32,
+}
+
+/// Images shown in sample grids; the first few also get attention maps.
+const SAMPLE_COUNT: usize = 64;
+const ATTENTION_IMAGES: usize = 4;
+const ATTENTION_QUERIES: usize = 4;
+
+pub struct Trainer {
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    device: Device,
+    run: RunDir,
+    dataset: Dataset,
+    g_vars: VarMap,
+    d_vars: VarMap,
+    generator: Generator,
+    discriminator: Discriminator,
+    opt_g: Adam,
+    opt_d: Adam,
+    ema: Option<Ema>,
+    /// Generator steps done.
+    step: usize,
+    fixed_z: Tensor,
+    /// The data order of the current epoch, cached: (epoch, permutation).
+    epoch_order: Option<(usize, Vec<usize>)>,
+}
+
+impl Trainer {
+    /// A fresh run, initialised from `cfg.seed`.
+    pub fn new(model_cfg: ModelConfig, cfg: TrainConfig, dataset: Dataset, run: RunDir, device: Device) -> Result<Self> {
+        cfg.validate()?;
+        if dataset.len() < cfg.batch_size {
+            return Err(Error::Config(format!(
+                "the dataset has {} images, fewer than the batch size {}",
+                dataset.len(),
+                cfg.batch_size
+            )));
+        }
+        if (dataset.channels(), dataset.size()) != (model_cfg.channels, model_cfg.image_size) {
+            return Err(Error::Config(format!(
+                "the dataset was loaded as {}x{0}x{}, the preset needs {}x{2}x{}",
+                dataset.channels(),
+                dataset.size(),
+                model_cfg.channels,
+                model_cfg.image_size
+            )));
+        }
+        let g_vars = VarMap::new();
+        let d_vars = VarMap::new();
+        let generator = Generator::new(
+            rng::seeded_var_builder(&g_vars, rng::stream(cfg.seed, streams::INIT_G), &device),
+            &model_cfg,
+        )?;
+        let discriminator = Discriminator::new(
+            rng::seeded_var_builder(&d_vars, rng::stream(cfg.seed, streams::INIT_D), &device),
+            &model_cfg,
+        )?;
+        let adam = |lr| AdamConfig { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: 1e-8 };
+        let opt_g = Adam::new(&g_vars, adam(cfg.lr_g));
+        let opt_d = Adam::new(&d_vars, adam(cfg.lr_d));
+        let ema = match cfg.ema_decay {
+            Some(decay) => Some(Ema::new(&g_vars, &model_cfg, decay, &device)?),
+            None => None,
+        };
+        let fixed_z = rng::normal_tensor(&mut rng::stream(cfg.seed, streams::FIXED_Z), SAMPLE_COUNT, model_cfg.z_dim, &device)?;
+        Ok(Self {
+            model_cfg,
+            cfg,
+            device,
+            run,
+            dataset,
+            g_vars,
+            d_vars,
+            generator,
+            discriminator,
+            opt_g,
+            opt_d,
+            ema,
+            step: 0,
+            fixed_z,
+            epoch_order: None,
+        })
+    }
+
+    /// Continues the run in `run` from its latest checkpoint. `cfg` must be the configuration
+    /// stored there, except that `steps` may be raised.
+    pub fn resume(model_cfg: ModelConfig, cfg: TrainConfig, dataset: Dataset, run: RunDir, device: Device) -> Result<Self> {
+        let step = run.latest_step()?.ok_or_else(|| Error::Checkpoint {
+            path: run.checkpoints(),
+            msg: "no checkpoint to resume from".into(),
+        })?;
+        let mut trainer = Self::new(model_cfg, cfg, dataset, run, device)?;
+        let dir = trainer.run.step_dir(step);
+        let load = |kind: Kind| -> Result<_> {
+            let path = dir.join(kind.file_name());
+            let (tensors, meta) = checkpoint::load(&path, &trainer.device)?;
+            let mismatch = |what: &str| Error::Checkpoint {
+                path: path.clone(),
+                msg: format!("{what} differs from the run's other checkpoint files"),
+            };
+            if meta.kind != kind {
+                return Err(mismatch("its kind"));
+            }
+            if meta.model != trainer.model_cfg {
+                return Err(mismatch("its preset"));
+            }
+            if meta.step != step {
+                return Err(mismatch("its step"));
+            }
+            Ok((tensors, path))
+        };
+        let (tensors, path) = load(Kind::Generator)?;
+        checkpoint::restore_varmap(&trainer.g_vars, &tensors, &path)?;
+        let (tensors, path) = load(Kind::Discriminator)?;
+        checkpoint::restore_varmap(&trainer.d_vars, &tensors, &path)?;
+        if let Some(ema) = &trainer.ema {
+            let (tensors, path) = load(Kind::GeneratorEma)?;
+            checkpoint::restore_varmap(ema.varmap(), &tensors, &path)?;
+        }
+        let (tensors, path) = load(Kind::Optimizer)?;
+        for (opt, prefix) in [(&mut trainer.opt_g, "g"), (&mut trainer.opt_d, "d")] {
+            opt.load_state(&tensors, prefix)
+                .map_err(|msg| Error::Checkpoint { path: path.clone(), msg })?;
+        }
+        trainer.step = step;
+        Ok(trainer)
+    }
+
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    pub fn generator_vars(&self) -> &VarMap {
+        &self.g_vars
+    }
+
+    pub fn discriminator_vars(&self) -> &VarMap {
+        &self.d_vars
+    }
+
+    /// Indices of the `k`-th discriminator batch: epochs are seeded permutations, so the
+    /// order depends only on the seed and k (a resumed run sees the same data).
+    fn batch_indices(&mut self, k: usize) -> Vec<usize> {
+        let b = self.cfg.batch_size;
+        let per_epoch = self.dataset.len() / b;
+        let (epoch, i) = (k / per_epoch, k % per_epoch);
+        if self.epoch_order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            let mut order: Vec<usize> = (0..self.dataset.len()).collect();
+            order.shuffle(&mut rng::stream(self.cfg.seed, streams::SHUFFLE_BASE + epoch as u64));
+            self.epoch_order = Some((epoch, order));
+        }
+        let order = self.epoch_order.as_ref().map(|(_, o)| o.as_slice()).unwrap_or_default();
+        order[i * b..(i + 1) * b].to_vec()
+    }
+
+    fn real_batch(&mut self, k: usize) -> Result<Tensor> {
+        let indices = self.batch_indices(k);
+        let mut pixels = Vec::with_capacity(indices.len() * self.model_cfg.channels * self.model_cfg.image_size.pow(2));
+        self.dataset.fill_batch(&indices, &mut pixels);
+        let s = self.model_cfg.image_size;
+        Ok(Tensor::from_vec(pixels, (indices.len(), self.model_cfg.channels, s, s), &self.device)?)
+    }
+
+    fn latents(&self, stream: u64) -> Result<Tensor> {
+        let mut rng = rng::stream(self.cfg.seed, streams::STEP_Z_BASE + stream);
+        Ok(rng::normal_tensor(&mut rng, self.cfg.batch_size, self.model_cfg.z_dim, &self.device)?)
+    }
+
+    /// One generator step, preceded by `n_dis` discriminator steps.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let mut stats = StepStats::default();
+        let b = self.cfg.batch_size;
+        for j in 0..self.cfg.n_dis {
+            let k = self.step * self.cfg.n_dis + j;
+            let real = self.real_batch(k)?;
+            // The fake batch is detached: the D step must not reach G's weights.
+            let fake = self.generator.forward_t(&self.latents(2 * k as u64)?, true)?.detach();
+            // Real and fake in one batch: one spectral-norm power iteration per D step.
+            let logits = self.discriminator.forward_t(&Tensor::cat(&[&real, &fake], 0)?, true)?;
+            let (d_real, d_fake) = (logits.narrow(0, 0, b)?, logits.narrow(0, b, b)?);
+            let d_loss = loss::discriminator_loss(self.cfg.loss, &d_real, &d_fake)?;
+            self.opt_d.step(&d_loss.backward()?)?;
+            let n = self.cfg.n_dis as f32;
+            stats.d_loss += d_loss.to_scalar::<f32>()? / n;
+            stats.d_real += d_real.mean_all()?.to_scalar::<f32>()? / n;
+            stats.d_fake += d_fake.mean_all()?.to_scalar::<f32>()? / n;
+        }
+        let z = self.latents(2 * self.step as u64 + 1)?;
+        // D in evaluation mode: its spectral-norm vectors stay put, so the G step changes
+        // nothing of D; the gradients D's weights receive here are discarded.
+        let logits = self.discriminator.forward_t(&self.generator.forward_t(&z, true)?, false)?;
+        let g_loss = loss::generator_loss(self.cfg.loss, &logits)?;
+        self.opt_g.step(&g_loss.backward()?)?;
+        if let Some(ema) = &self.ema {
+            let trained: HashSet<&str> = self.opt_g.trained().collect();
+            ema.update(&self.g_vars, &trained, self.step + 1)?;
+        }
+        stats.g_loss = g_loss.to_scalar::<f32>()?;
+        self.step += 1;
+        if !(stats.d_loss.is_finite() && stats.g_loss.is_finite()) {
+            return Err(Error::Config(format!(
+                "training diverged at step {} (d_loss {}, g_loss {}); the last checkpoint is intact: try lower learning rates",
+                self.step, stats.d_loss, stats.g_loss
+            )));
+        }
+        Ok(stats)
+    }
+
+    /// The generator samples are drawn from: the EMA one when there is one.
+    pub fn sampling_generator(&self) -> &Generator {
+        self.ema.as_ref().map(Ema::generator).unwrap_or(&self.generator)
+    }
+
+    /// Writes the fixed-z sample grid and attention maps of the current step.
+    pub fn save_samples(&self) -> Result<PathBuf> {
+        let (images, maps) = self.sampling_generator().forward_with_attention(&self.fixed_z, false)?;
+        let (n, c, h, w) = images.dims4()?;
+        let pixels = images.flatten_all()?.to_vec1::<f32>()?;
+        let batch = ImageBatch::new(&pixels, n, c, h, w)?;
+        let grid = self.run.samples().join(format!("step-{:08}.png", self.step));
+        save_grid(&grid, batch, (n as f64).sqrt().ceil() as usize)?;
+        let shown = ATTENTION_IMAGES.min(n);
+        let first = ImageBatch::new(&pixels[..shown * c * h * w], shown, c, h, w)?;
+        let layers = attention_layer_indices(self.sampling_generator().stack());
+        for (map, layer) in maps.iter().zip(layers) {
+            let positions = map.dim(1)?;
+            let side = (positions as f64).sqrt().round() as usize;
+            let values = map.narrow(0, 0, shown)?.flatten_all()?.to_vec1::<f32>()?;
+            let queries = default_queries(side, positions / side, ATTENTION_QUERIES);
+            let picture = attention_overlay(first, &values, side, positions / side, &queries)?;
+            let path = self.run.samples().join(format!("attention-g{layer}-step-{:08}.png", self.step));
+            save_png(&path, &picture)?;
+        }
+        Ok(grid)
+    }
+
+    pub fn save_checkpoint(&self, keep_last: usize) -> Result<PathBuf> {
+        let meta = |kind| Metadata {
+            kind,
+            model: self.model_cfg.clone(),
+            train: self.cfg.clone(),
+            step: self.step,
+        };
+        let mut files = vec![
+            (meta(Kind::Generator), checkpoint::varmap_tensors(&self.g_vars)),
+            (meta(Kind::Discriminator), checkpoint::varmap_tensors(&self.d_vars)),
+        ];
+        if let Some(ema) = &self.ema {
+            files.push((meta(Kind::GeneratorEma), checkpoint::varmap_tensors(ema.varmap())));
+        }
+        let mut optimizer = self.opt_g.state("g")?;
+        optimizer.extend(self.opt_d.state("d")?);
+        files.push((meta(Kind::Optimizer), optimizer));
+        self.run.write_checkpoint(self.step, &files, keep_last)
+    }
+
+    fn gammas(&self) -> Result<BTreeMap<String, f32>> {
+        let named = |net: &str, stack: &LayerStack| -> Result<Vec<(String, f32)>> {
+            Ok(stack.gammas()?.into_iter().map(|(i, g)| (format!("{net}.layers.{i}"), g)).collect())
+        };
+        let mut gammas = named("g", self.generator.stack())?;
+        gammas.extend(named("d", self.discriminator.stack())?);
+        Ok(gammas.into_iter().collect())
+    }
+
+    /// Trains until `cfg.steps` or until `stop` is raised; either way the last state is
+    /// checkpointed and the curves are drawn.
+    pub fn run(&mut self, schedule: &Schedule, stop: &AtomicBool) -> Result<Outcome> {
+        self.run.create()?;
+        let metrics = MetricsLog::open(&self.run.metrics(), self.step)?;
+        let bar = progress_bar(self.cfg.steps, self.step, schedule.progress_bar);
+        let started = Instant::now();
+        let mut window = (Instant::now(), 0usize, StepStats::default());
+        let every = |n: usize, step: usize| n > 0 && step % n == 0;
+        let mut interrupted = false;
+        while self.step < self.cfg.steps {
+            if stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            let stats = self.train_step()?;
+            bar.inc(1);
+            window.1 += 1;
+            for (sum, x) in [
+                (&mut window.2.d_loss, stats.d_loss),
+                (&mut window.2.g_loss, stats.g_loss),
+                (&mut window.2.d_real, stats.d_real),
+                (&mut window.2.d_fake, stats.d_fake),
+            ] {
+                *sum += x;
+            }
+            let last = self.step == self.cfg.steps;
+            if every(schedule.log_every, self.step) || last {
+                let n = window.1 as f32;
+                let secs = window.0.elapsed().as_secs_f32();
+                let record = Record {
+                    step: self.step,
+                    d_loss: window.2.d_loss / n,
+                    g_loss: window.2.g_loss / n,
+                    d_real: window.2.d_real / n,
+                    d_fake: window.2.d_fake / n,
+                    gammas: self.gammas()?,
+                    images_per_sec: n * self.cfg.batch_size as f32 / secs.max(1e-9),
+                    elapsed_sec: started.elapsed().as_secs_f64(),
+                };
+                metrics.append(&record)?;
+                let line = format!(
+                    "step {}/{} d_loss {:.3} g_loss {:.3} D(x) {:.2} D(G(z)) {:.2} {:.1} img/s",
+                    record.step, self.cfg.steps, record.d_loss, record.g_loss, record.d_real, record.d_fake, record.images_per_sec
+                );
+                bar.set_message(format!("{:.1} img/s  d {:.3}  g {:.3}", record.images_per_sec, record.d_loss, record.g_loss));
+                if bar.is_hidden() {
+                    tracing::info!("{line}");
+                }
+                window = (Instant::now(), 0, StepStats::default());
+            }
+            if every(schedule.sample_every, self.step) || last {
+                let path = self.save_samples()?;
+                bar.suspend(|| tracing::info!("samples: {}", path.display()));
+            }
+            if every(schedule.checkpoint_every, self.step) || last {
+                let path = self.save_checkpoint(schedule.keep_last)?;
+                bar.suspend(|| tracing::info!("checkpoint: {}", path.display()));
+            }
+        }
+        bar.finish_and_clear();
+        if interrupted && self.run.latest_step()? != Some(self.step) {
+            let path = self.save_checkpoint(schedule.keep_last)?;
+            tracing::info!("checkpoint: {}", path.display());
+        }
+        metrics::save_curves(&metrics::read(&self.run.metrics())?, &self.run.curves())?;
+        Ok(match interrupted {
+            true => Outcome::Interrupted { step: self.step },
+            false => Outcome::Finished { step: self.step },
+        })
+    }
+}
+
+fn attention_layer_indices(stack: &LayerStack) -> Vec<usize> {
+    stack
+        .layers()
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(l, crate::model::Layer::Attention(_)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+fn progress_bar(total: usize, done: usize, visible: bool) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total as u64).with_position(done as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}") {
+        bar.set_style(style);
+    }
+    bar
+}
