@@ -41,9 +41,14 @@ impl Kind {
     }
 
     fn parse(name: &str) -> Option<Self> {
-        [Kind::Generator, Kind::GeneratorEma, Kind::Discriminator, Kind::Optimizer]
-            .into_iter()
-            .find(|k| k.name() == name)
+        [
+            Kind::Generator,
+            Kind::GeneratorEma,
+            Kind::Discriminator,
+            Kind::Optimizer,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
     }
 }
 
@@ -62,39 +67,72 @@ impl Metadata {
             ("format".to_string(), FORMAT.to_string()),
             ("kind".to_string(), self.kind.name().to_string()),
             ("model".to_string(), self.model.to_json()),
-            ("train".to_string(), serde_json::to_string(&self.train).unwrap_or_default()),
+            (
+                "train".to_string(),
+                serde_json::to_string(&self.train).unwrap_or_default(),
+            ),
             ("step".to_string(), self.step.to_string()),
             ("seed".to_string(), self.train.seed.to_string()),
-            ("producer".to_string(), format!("sagan {}", env!("CARGO_PKG_VERSION"))),
+            (
+                "producer".to_string(),
+                format!("sagan {}", env!("CARGO_PKG_VERSION")),
+            ),
         ])
     }
 
     fn from_map(map: &HashMap<String, String>, path: &Path) -> Result<Self> {
-        let bad = |msg: String| Error::Checkpoint { path: path.to_path_buf(), msg };
+        let bad = |msg: String| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg,
+        };
         if map.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(bad("not a sagan checkpoint (no sagan format tag in its metadata)".into()));
+            return Err(bad(
+                "not a sagan checkpoint (no sagan format tag in its metadata)".into(),
+            ));
         }
-        let field = |key: &str| map.get(key).ok_or_else(|| bad(format!("metadata lacks '{key}'")));
-        let kind = Kind::parse(field("kind")?).ok_or_else(|| bad(format!("unknown kind '{}'", map["kind"])))?;
-        let model = ModelConfig::from_json(field("model")?).map_err(|e| bad(format!("its preset: {e}")))?;
-        let train = serde_json::from_str(field("train")?).map_err(|e| bad(format!("its training config: {e}")))?;
-        let step = field("step")?.parse().map_err(|e| bad(format!("bad step: {e}")))?;
-        Ok(Self { kind, model, train, step })
+        let field = |key: &str| {
+            map.get(key)
+                .ok_or_else(|| bad(format!("metadata lacks '{key}'")))
+        };
+        let kind = Kind::parse(field("kind")?)
+            .ok_or_else(|| bad(format!("unknown kind '{}'", map["kind"])))?;
+        let model =
+            ModelConfig::from_json(field("model")?).map_err(|e| bad(format!("its preset: {e}")))?;
+        let train = serde_json::from_str(field("train")?)
+            .map_err(|e| bad(format!("its training config: {e}")))?;
+        let step = field("step")?
+            .parse()
+            .map_err(|e| bad(format!("bad step: {e}")))?;
+        Ok(Self {
+            kind,
+            model,
+            train,
+            step,
+        })
     }
 }
 
 /// All variables of `varmap`, sorted by name.
 pub fn varmap_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-    let mut tensors: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let mut tensors: Vec<_> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors
 }
 
 /// Serialises tensors and metadata to `path` atomically.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &Metadata) -> Result<()> {
-    let bytes = safetensors::tensor::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta.to_map()))
-        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), msg: e.to_string() })?;
+    let bytes = safetensors::tensor::serialize(
+        tensors.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(meta.to_map()),
+    )
+    .map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     crate::fsutil::write_atomic(path, &bytes)
 }
 
@@ -113,7 +151,10 @@ pub fn load(path: &Path, device: &Device) -> Result<(HashMap<String, Tensor>, Me
 type Parsed = (Option<HashMap<String, Tensor>>, Metadata);
 
 fn parse(bytes: &[u8], path: &Path, device: Option<&Device>) -> Result<Parsed> {
-    let bad = |msg: String| Error::Checkpoint { path: path.to_path_buf(), msg };
+    let bad = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
     let meta = Metadata::from_map(header.metadata().as_ref().unwrap_or(&HashMap::new()), path)?;
@@ -128,19 +169,34 @@ fn parse(bytes: &[u8], path: &Path, device: Option<&Device>) -> Result<Parsed> {
 }
 
 /// Sets every variable of `varmap` from `tensors`; names and shapes must match exactly.
-pub fn restore_varmap(varmap: &VarMap, tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let bad = |msg: String| Error::Checkpoint { path: path.to_path_buf(), msg };
+pub fn restore_varmap(
+    varmap: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
+    let bad = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
     if let Some(extra) = tensors.keys().find(|k| !data.contains_key(*k)) {
-        return Err(bad(format!("holds '{extra}', which the model does not have")));
+        return Err(bad(format!(
+            "holds '{extra}', which the model does not have"
+        )));
     }
     let mut names: Vec<_> = data.keys().collect();
     names.sort();
     for name in names {
-        let tensor = tensors.get(name).ok_or_else(|| bad(format!("lacks '{name}'")))?;
+        let tensor = tensors
+            .get(name)
+            .ok_or_else(|| bad(format!("lacks '{name}'")))?;
         let var = &data[name];
         if tensor.shape() != var.shape() {
-            return Err(bad(format!("'{name}' has shape {:?}, the model expects {:?}", tensor.dims(), var.dims())));
+            return Err(bad(format!(
+                "'{name}' has shape {:?}, the model expects {:?}",
+                tensor.dims(),
+                var.dims()
+            )));
         }
         var.set(tensor)?;
     }
@@ -213,14 +269,19 @@ impl RunDir {
     /// Writes one checkpoint: the files go into a hidden directory that is renamed to
     /// step-N only once all are complete, so a crash leaves the previous checkpoints intact.
     /// Then removes all but the newest `keep_last` checkpoints.
-    pub fn write_checkpoint(&self, step: usize, files: &[(Metadata, Vec<(String, Tensor)>)], keep_last: usize) -> Result<PathBuf> {
+    pub fn write_checkpoint(
+        &self,
+        step: usize,
+        files: &[(Metadata, Vec<(String, Tensor)>)],
+        keep_last: usize,
+    ) -> Result<PathBuf> {
         let final_dir = self.step_dir(step);
         let tmp_dir = self.checkpoints().join(format!(".step-{step:08}.partial"));
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
-        let written = files
-            .iter()
-            .try_for_each(|(meta, tensors)| save(&tmp_dir.join(meta.kind.file_name()), tensors, meta));
+        let written = files.iter().try_for_each(|(meta, tensors)| {
+            save(&tmp_dir.join(meta.kind.file_name()), tensors, meta)
+        });
         if let Err(e) = written {
             let _ = std::fs::remove_dir_all(&tmp_dir);
             return Err(e);
@@ -230,7 +291,10 @@ impl RunDir {
         }
         std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
         let steps = self.checkpoint_steps()?;
-        for old in steps.iter().take(steps.len().saturating_sub(keep_last.max(1))) {
+        for old in steps
+            .iter()
+            .take(steps.len().saturating_sub(keep_last.max(1)))
+        {
             let dir = self.step_dir(*old);
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         }
@@ -252,7 +316,13 @@ mod tests {
     }
 
     fn tensors() -> Vec<(String, Tensor)> {
-        vec![("a.weight".into(), Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap())]
+        vec![(
+            "a.weight".into(),
+            Tensor::arange(0f32, 6., &Device::Cpu)
+                .unwrap()
+                .reshape((2, 3))
+                .unwrap(),
+        )]
     }
 
     #[test]
@@ -262,7 +332,10 @@ mod tests {
         save(&path, &tensors(), &meta(Kind::Generator, 42)).unwrap();
         let (loaded, m) = load(&path, &Device::Cpu).unwrap();
         assert_eq!(m, meta(Kind::Generator, 42));
-        assert_eq!(loaded["a.weight"].to_vec2::<f32>().unwrap(), vec![vec![0., 1., 2.], vec![3., 4., 5.]]);
+        assert_eq!(
+            loaded["a.weight"].to_vec2::<f32>().unwrap(),
+            vec![vec![0., 1., 2.], vec![3., 4., 5.]]
+        );
         assert_eq!(read_metadata(&path).unwrap().step, 42);
     }
 
@@ -277,9 +350,19 @@ mod tests {
         assert!(err.contains("g.safetensors"), "{err}");
 
         let foreign = dir.path().join("foreign.safetensors");
-        candle_core::safetensors::save(&HashMap::from([("x", Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap())]), &foreign).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([(
+                "x",
+                Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            )]),
+            &foreign,
+        )
+        .unwrap();
         let err = load(&foreign, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains("foreign.safetensors") && err.contains("not a sagan checkpoint"), "{err}");
+        assert!(
+            err.contains("foreign.safetensors") && err.contains("not a sagan checkpoint"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -288,7 +371,8 @@ mod tests {
         let run = RunDir::new(dir.path());
         run.create().unwrap();
         for step in [10, 20, 30, 40] {
-            run.write_checkpoint(step, &[(meta(Kind::Generator, step), tensors())], 2).unwrap();
+            run.write_checkpoint(step, &[(meta(Kind::Generator, step), tensors())], 2)
+                .unwrap();
         }
         assert_eq!(run.checkpoint_steps().unwrap(), vec![30, 40]);
         assert_eq!(run.latest_step().unwrap(), Some(40));
@@ -298,11 +382,28 @@ mod tests {
     #[test]
     fn restore_rejects_missing_and_misshapen_variables() {
         let varmap = VarMap::new();
-        varmap.get((2, 3), "a.weight", candle_nn::Init::Const(0.), candle_core::DType::F32, &Device::Cpu).unwrap();
+        varmap
+            .get(
+                (2, 3),
+                "a.weight",
+                candle_nn::Init::Const(0.),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
         let good: HashMap<_, _> = tensors().into_iter().collect();
         restore_varmap(&varmap, &good, Path::new("x")).unwrap();
-        let wrong = HashMap::from([("a.weight".to_string(), Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap())]);
-        assert!(restore_varmap(&varmap, &wrong, Path::new("x")).unwrap_err().to_string().contains("shape"));
-        assert!(restore_varmap(&varmap, &HashMap::new(), Path::new("x")).unwrap_err().to_string().contains("lacks"));
+        let wrong = HashMap::from([(
+            "a.weight".to_string(),
+            Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )]);
+        assert!(restore_varmap(&varmap, &wrong, Path::new("x"))
+            .unwrap_err()
+            .to_string()
+            .contains("shape"));
+        assert!(restore_varmap(&varmap, &HashMap::new(), Path::new("x"))
+            .unwrap_err()
+            .to_string()
+            .contains("lacks"));
     }
 }

@@ -318,7 +318,9 @@ impl TrainConfig {
         }
         if let Some(decay) = self.ema_decay {
             if !(0.0..1.0).contains(&decay) {
-                return fail(format!("--ema-decay must be in [0, 1) (0 turns it off), got {decay}"));
+                return fail(format!(
+                    "--ema-decay must be in [0, 1) (0 turns it off), got {decay}"
+                ));
             }
         }
         Ok(())

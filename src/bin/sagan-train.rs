@@ -127,14 +127,20 @@ fn preset_value(value: &str) -> std::result::Result<String, String> {
     if value.ends_with(".toml") || preset_names().contains(&value) {
         Ok(value.to_string())
     } else {
-        Err(format!("unknown preset (built-in: {}; or a .toml file)", preset_names().join(", ")))
+        Err(format!(
+            "unknown preset (built-in: {}; or a .toml file)",
+            preset_names().join(", ")
+        ))
     }
 }
 
 impl Args {
     /// The training configuration for a fresh run: defaults overridden by flags.
     fn fresh_config(&self) -> TrainConfig {
-        let d = TrainConfig { steps: DEFAULT_STEPS, ..TrainConfig::default() };
+        let d = TrainConfig {
+            steps: DEFAULT_STEPS,
+            ..TrainConfig::default()
+        };
         TrainConfig {
             steps: self.steps.unwrap_or(d.steps),
             batch_size: self.batch_size.unwrap_or(d.batch_size),
@@ -144,7 +150,10 @@ impl Args {
             beta2: self.beta2.unwrap_or(d.beta2),
             n_dis: self.n_dis.unwrap_or(d.n_dis),
             loss: self.loss.map(Into::into).unwrap_or(d.loss),
-            ema_decay: self.ema_decay.map(|x| Some(x).filter(|&x| x != 0.0)).unwrap_or(d.ema_decay),
+            ema_decay: self
+                .ema_decay
+                .map(|x| Some(x).filter(|&x| x != 0.0))
+                .unwrap_or(d.ema_decay),
             seed: self.seed.unwrap_or(d.seed),
             data: self.data.clone(),
         }
@@ -165,7 +174,11 @@ impl Args {
             ("--ema-decay", self.ema_decay.is_some()),
             ("--seed", self.seed.is_some()),
         ];
-        given.into_iter().filter(|(_, g)| *g).map(|(name, _)| name).collect()
+        given
+            .into_iter()
+            .filter(|(_, g)| *g)
+            .map(|(name, _)| name)
+            .collect()
     }
 }
 
@@ -204,13 +217,17 @@ fn run(args: Args, progress_bar: bool) -> Result<i32> {
             let step = run
                 .latest_step()?
                 .with_context(|| format!("{}: no checkpoint to resume from", dir.display()))?;
-            let meta = checkpoint::read_metadata(&run.step_dir(step).join(Kind::Generator.file_name()))?;
+            let meta =
+                checkpoint::read_metadata(&run.step_dir(step).join(Kind::Generator.file_name()))?;
             let mut cfg = meta.train;
             if let Some(steps) = args.steps {
                 cfg.steps = steps;
             }
             if cfg.steps <= step {
-                bail!("{}: already at step {step}; pass --steps above it to train on", dir.display());
+                bail!(
+                    "{}: already at step {step}; pass --steps above it to train on",
+                    dir.display()
+                );
             }
             (meta.model, cfg, run, true)
         }
@@ -218,7 +235,10 @@ fn run(args: Args, progress_bar: bool) -> Result<i32> {
             let model_cfg = ModelConfig::resolve(args.preset.as_deref().unwrap_or(DEFAULT_PRESET))?;
             let cfg = args.fresh_config();
             cfg.validate()?;
-            let dir = args.out.clone().unwrap_or_else(|| next_free_run_dir(&model_cfg.name));
+            let dir = args
+                .out
+                .clone()
+                .unwrap_or_else(|| next_free_run_dir(&model_cfg.name));
             let run = RunDir::new(&dir);
             if run.latest_step()?.is_some() {
                 bail!(
@@ -262,7 +282,9 @@ fn run(args: Args, progress_bar: bool) -> Result<i32> {
             // A second Ctrl-C: the user does not want to wait for the checkpoint.
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: finishing the step and writing a checkpoint (Ctrl-C again to abort)");
+        eprintln!(
+            "\ninterrupt: finishing the step and writing a checkpoint (Ctrl-C again to abort)"
+        );
     })
     .context("installing the Ctrl-C handler")?;
 

@@ -29,7 +29,12 @@ impl Adam {
         let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
         let mut vars: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        Self { cfg, vars, moments: BTreeMap::new(), steps: 0 }
+        Self {
+            cfg,
+            vars,
+            moments: BTreeMap::new(),
+            steps: 0,
+        }
     }
 
     pub fn steps(&self) -> u64 {
@@ -43,11 +48,18 @@ impl Adam {
 
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.steps += 1;
-        let AdamConfig { lr, beta1, beta2, eps } = self.cfg;
+        let AdamConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+        } = self.cfg;
         let correction1 = 1.0 - beta1.powi(self.steps as i32);
         let correction2 = 1.0 - beta2.powi(self.steps as i32);
         for (name, var) in &self.vars {
-            let Some(grad) = grads.get(var.as_tensor()) else { continue };
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             let (m, v) = match self.moments.get(name) {
                 Some(state) => state.clone(),
                 None => (grad.zeros_like()?, grad.zeros_like()?),
@@ -63,7 +75,10 @@ impl Adam {
 
     /// The state as named tensors under `prefix`: `{prefix}.m.{var}`, `{prefix}.v.{var}`, `{prefix}.steps`.
     pub fn state(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![(format!("{prefix}.steps"), Tensor::new(&[self.steps as i64], &candle_core::Device::Cpu)?)];
+        let mut out = vec![(
+            format!("{prefix}.steps"),
+            Tensor::new(&[self.steps as i64], &candle_core::Device::Cpu)?,
+        )];
         for (name, (m, v)) in &self.moments {
             out.push((format!("{prefix}.m.{name}"), m.clone()));
             out.push((format!("{prefix}.v.{name}"), v.clone()));
@@ -72,7 +87,11 @@ impl Adam {
     }
 
     /// Restores what `state` wrote under `prefix`.
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, prefix: &str) -> std::result::Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        tensors: &HashMap<String, Tensor>,
+        prefix: &str,
+    ) -> std::result::Result<(), String> {
         let steps = tensors
             .get(&format!("{prefix}.steps"))
             .ok_or_else(|| format!("lacks '{prefix}.steps'"))?;
@@ -87,8 +106,10 @@ impl Adam {
             let v = tensors.get(&format!("{prefix}.v.{name}"));
             match (m, v) {
                 (Some(m), Some(v)) if m.shape() == var.shape() && v.shape() == var.shape() => {
-                    let to_device = |t: &Tensor| t.to_device(var.device()).map_err(|e| e.to_string());
-                    self.moments.insert(name.clone(), (to_device(m)?, to_device(v)?));
+                    let to_device =
+                        |t: &Tensor| t.to_device(var.device()).map_err(|e| e.to_string());
+                    self.moments
+                        .insert(name.clone(), (to_device(m)?, to_device(v)?));
                 }
                 (None, None) => {}
                 _ => return Err(format!("moments of '{name}' are missing or misshapen")),
@@ -107,13 +128,36 @@ mod tests {
     fn matches_the_closed_form_first_steps() {
         // With a constant gradient g, bias-corrected Adam moves every weight by lr * g/|g| (up to eps).
         let varmap = VarMap::new();
-        let w = varmap.get(3, "w", candle_nn::Init::Const(1.0), DType::F32, &Device::Cpu).unwrap();
-        let mut opt = Adam::new(&varmap, AdamConfig { lr: 0.1, beta1: 0.0, beta2: 0.9, eps: 1e-8 });
+        let w = varmap
+            .get(
+                3,
+                "w",
+                candle_nn::Init::Const(1.0),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let mut opt = Adam::new(
+            &varmap,
+            AdamConfig {
+                lr: 0.1,
+                beta1: 0.0,
+                beta2: 0.9,
+                eps: 1e-8,
+            },
+        );
         for step in 1..=3 {
-            let loss = (&w * Tensor::new(&[2f32, -3., 0.5], &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
+            let loss = (&w * Tensor::new(&[2f32, -3., 0.5], &Device::Cpu).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
             opt.step(&loss.backward().unwrap()).unwrap();
             let got = w.to_vec1::<f32>().unwrap();
-            let expected = [1.0 - 0.1 * step as f32, 1.0 + 0.1 * step as f32, 1.0 - 0.1 * step as f32];
+            let expected = [
+                1.0 - 0.1 * step as f32,
+                1.0 + 0.1 * step as f32,
+                1.0 - 0.1 * step as f32,
+            ];
             for (g, e) in got.iter().zip(expected) {
                 assert!((g - e).abs() < 1e-5, "step {step}: {got:?}");
             }
@@ -123,15 +167,43 @@ mod tests {
     #[test]
     fn state_round_trips_and_skips_gradientless_buffers() {
         let varmap = VarMap::new();
-        let w = varmap.get(2, "w", candle_nn::Init::Const(1.0), DType::F32, &Device::Cpu).unwrap();
-        varmap.get(2, "running_mean", candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu).unwrap();
-        let mut opt = Adam::new(&varmap, AdamConfig { lr: 0.1, beta1: 0.5, beta2: 0.9, eps: 1e-8 });
-        opt.step(&w.sqr().unwrap().sum_all().unwrap().backward().unwrap()).unwrap();
+        let w = varmap
+            .get(
+                2,
+                "w",
+                candle_nn::Init::Const(1.0),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        varmap
+            .get(
+                2,
+                "running_mean",
+                candle_nn::Init::Const(0.0),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let mut opt = Adam::new(
+            &varmap,
+            AdamConfig {
+                lr: 0.1,
+                beta1: 0.5,
+                beta2: 0.9,
+                eps: 1e-8,
+            },
+        );
+        opt.step(&w.sqr().unwrap().sum_all().unwrap().backward().unwrap())
+            .unwrap();
         assert_eq!(opt.trained().collect::<Vec<_>>(), vec!["w"]);
         let state: HashMap<_, _> = opt.state("g").unwrap().into_iter().collect();
         let mut restored = Adam::new(&varmap, opt.cfg);
         restored.load_state(&state, "g").unwrap();
         assert_eq!(restored.steps(), 1);
-        assert_eq!(restored.moments["w"].1.to_vec1::<f32>().unwrap(), opt.moments["w"].1.to_vec1::<f32>().unwrap());
+        assert_eq!(
+            restored.moments["w"].1.to_vec1::<f32>().unwrap(),
+            opt.moments["w"].1.to_vec1::<f32>().unwrap()
+        );
     }
 }

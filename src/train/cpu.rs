@@ -9,7 +9,9 @@ pub fn configure(threads: Option<usize>) -> Result<usize> {
     let threads = match threads {
         Some(0) => return Err(Error::Config("--threads must be at least 1".into())),
         Some(n) => n,
-        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
     };
     // candle sizes its matmul parallelism from this variable.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());

@@ -27,7 +27,11 @@ impl Ema {
             }
         }
         let generator = Generator::new(VarBuilder::from_varmap(&varmap, DType::F32, device), cfg)?;
-        Ok(Self { decay, varmap, generator })
+        Ok(Self {
+            decay,
+            varmap,
+            generator,
+        })
     }
 
     pub fn varmap(&self) -> &VarMap {

@@ -11,8 +11,13 @@ fn softplus(x: &Tensor) -> Result<Tensor> {
 /// The discriminator's loss on real and fake logits.
 pub fn discriminator_loss(kind: LossKind, real: &Tensor, fake: &Tensor) -> Result<Tensor> {
     match kind {
-        LossKind::Hinge => real.affine(-1.0, 1.0)?.relu()?.mean_all()? + fake.affine(1.0, 1.0)?.relu()?.mean_all()?,
-        LossKind::NonSaturating => softplus(&real.neg()?)?.mean_all()? + softplus(fake)?.mean_all()?,
+        LossKind::Hinge => {
+            real.affine(-1.0, 1.0)?.relu()?.mean_all()?
+                + fake.affine(1.0, 1.0)?.relu()?.mean_all()?
+        }
+        LossKind::NonSaturating => {
+            softplus(&real.neg()?)?.mean_all()? + softplus(fake)?.mean_all()?
+        }
     }
 }
 
@@ -40,14 +45,21 @@ mod tests {
     #[test]
     fn hinge_values() {
         // relu(1 - [2, 0.5]) = [0, 0.5] -> 0.25; relu(1 + [-2, 0]) = [0, 1] -> 0.5
-        assert_eq!(scalar(discriminator_loss(LossKind::Hinge, &t(&[2.0, 0.5]), &t(&[-2.0, 0.0])).unwrap()), 0.75);
-        assert_eq!(scalar(generator_loss(LossKind::Hinge, &t(&[1.0, 3.0])).unwrap()), -2.0);
+        assert_eq!(
+            scalar(discriminator_loss(LossKind::Hinge, &t(&[2.0, 0.5]), &t(&[-2.0, 0.0])).unwrap()),
+            0.75
+        );
+        assert_eq!(
+            scalar(generator_loss(LossKind::Hinge, &t(&[1.0, 3.0])).unwrap()),
+            -2.0
+        );
     }
 
     #[test]
     fn non_saturating_values_and_stability() {
         let ln2 = std::f32::consts::LN_2;
-        let d = scalar(discriminator_loss(LossKind::NonSaturating, &t(&[0.0]), &t(&[0.0])).unwrap());
+        let d =
+            scalar(discriminator_loss(LossKind::NonSaturating, &t(&[0.0]), &t(&[0.0])).unwrap());
         assert!((d - 2.0 * ln2).abs() < 1e-6);
         let g = scalar(generator_loss(LossKind::NonSaturating, &t(&[-100.0, 100.0])).unwrap());
         assert!((g - 50.0).abs() < 1e-4, "{g}");

@@ -38,7 +38,9 @@ impl MetricsLog {
             text.push('\n');
         }
         crate::fsutil::write_atomic(path, text.as_bytes())?;
-        Ok(Self { path: path.to_path_buf() })
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn append(&self, record: &Record) -> Result<()> {
@@ -73,13 +75,21 @@ pub fn read(path: &Path) -> Result<Vec<Record>> {
 fn series(records: &[Record], label: &str, value: impl Fn(&Record) -> Option<f32>) -> Series {
     Series {
         label: label.to_string(),
-        points: records.iter().filter_map(|r| Some((r.step as f64, value(r)? as f64))).collect(),
+        points: records
+            .iter()
+            .filter_map(|r| Some((r.step as f64, value(r)? as f64)))
+            .collect(),
     }
 }
 
 /// Losses, D's outputs and the attention gammas over training, one panel each.
 pub fn save_curves(records: &[Record], path: &Path) -> Result<()> {
-    let gamma_names: Vec<&String> = records.iter().flat_map(|r| r.gammas.keys()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let gamma_names: Vec<&String> = records
+        .iter()
+        .flat_map(|r| r.gammas.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let panel = |title: &str, series: Vec<Series>| Panel {
         title: title.to_string(),
         x_label: "step".to_string(),
@@ -88,17 +98,27 @@ pub fn save_curves(records: &[Record], path: &Path) -> Result<()> {
     let mut panels = vec![
         panel(
             "losses",
-            vec![series(records, "d_loss", |r| Some(r.d_loss)), series(records, "g_loss", |r| Some(r.g_loss))],
+            vec![
+                series(records, "d_loss", |r| Some(r.d_loss)),
+                series(records, "g_loss", |r| Some(r.g_loss)),
+            ],
         ),
         panel(
             "mean D logit",
-            vec![series(records, "D(x)", |r| Some(r.d_real)), series(records, "D(G(z))", |r| Some(r.d_fake))],
+            vec![
+                series(records, "D(x)", |r| Some(r.d_real)),
+                series(records, "D(G(z))", |r| Some(r.d_fake)),
+            ],
         ),
     ];
     if !gamma_names.is_empty() {
         let gammas = gamma_names
             .iter()
-            .map(|name| series(records, &format!("gamma {name}"), |r| r.gammas.get(*name).copied()))
+            .map(|name| {
+                series(records, &format!("gamma {name}"), |r| {
+                    r.gammas.get(*name).copied()
+                })
+            })
             .collect();
         panels.push(panel("attention gamma", gammas));
     }

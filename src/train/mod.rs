@@ -79,7 +79,13 @@ pub struct Trainer {
 
 impl Trainer {
     /// A fresh run, initialised from `cfg.seed`.
-    pub fn new(model_cfg: ModelConfig, cfg: TrainConfig, dataset: Dataset, run: RunDir, device: Device) -> Result<Self> {
+    pub fn new(
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        dataset: Dataset,
+        run: RunDir,
+        device: Device,
+    ) -> Result<Self> {
         cfg.validate()?;
         if dataset.len() < cfg.batch_size {
             return Err(Error::Config(format!(
@@ -107,14 +113,24 @@ impl Trainer {
             rng::seeded_var_builder(&d_vars, rng::stream(cfg.seed, streams::INIT_D), &device),
             &model_cfg,
         )?;
-        let adam = |lr| AdamConfig { lr, beta1: cfg.beta1, beta2: cfg.beta2, eps: 1e-8 };
+        let adam = |lr| AdamConfig {
+            lr,
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: 1e-8,
+        };
         let opt_g = Adam::new(&g_vars, adam(cfg.lr_g));
         let opt_d = Adam::new(&d_vars, adam(cfg.lr_d));
         let ema = match cfg.ema_decay {
             Some(decay) => Some(Ema::new(&g_vars, &model_cfg, decay, &device)?),
             None => None,
         };
-        let fixed_z = rng::normal_tensor(&mut rng::stream(cfg.seed, streams::FIXED_Z), SAMPLE_COUNT, model_cfg.z_dim, &device)?;
+        let fixed_z = rng::normal_tensor(
+            &mut rng::stream(cfg.seed, streams::FIXED_Z),
+            SAMPLE_COUNT,
+            model_cfg.z_dim,
+            &device,
+        )?;
         Ok(Self {
             model_cfg,
             cfg,
@@ -136,7 +152,13 @@ impl Trainer {
 
     /// Continues the run in `run` from its latest checkpoint. `cfg` must be the configuration
     /// stored there, except that `steps` may be raised.
-    pub fn resume(model_cfg: ModelConfig, cfg: TrainConfig, dataset: Dataset, run: RunDir, device: Device) -> Result<Self> {
+    pub fn resume(
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        dataset: Dataset,
+        run: RunDir,
+        device: Device,
+    ) -> Result<Self> {
         let step = run.latest_step()?.ok_or_else(|| Error::Checkpoint {
             path: run.checkpoints(),
             msg: "no checkpoint to resume from".into(),
@@ -172,7 +194,10 @@ impl Trainer {
         let (tensors, path) = load(Kind::Optimizer)?;
         for (opt, prefix) in [(&mut trainer.opt_g, "g"), (&mut trainer.opt_d, "d")] {
             opt.load_state(&tensors, prefix)
-                .map_err(|msg| Error::Checkpoint { path: path.clone(), msg })?;
+                .map_err(|msg| Error::Checkpoint {
+                    path: path.clone(),
+                    msg,
+                })?;
         }
         trainer.step = step;
         Ok(trainer)
@@ -202,24 +227,42 @@ impl Trainer {
         let (epoch, i) = (k / per_epoch, k % per_epoch);
         if self.epoch_order.as_ref().map(|(e, _)| *e) != Some(epoch) {
             let mut order: Vec<usize> = (0..self.dataset.len()).collect();
-            order.shuffle(&mut rng::stream(self.cfg.seed, streams::SHUFFLE_BASE + epoch as u64));
+            order.shuffle(&mut rng::stream(
+                self.cfg.seed,
+                streams::SHUFFLE_BASE + epoch as u64,
+            ));
             self.epoch_order = Some((epoch, order));
         }
-        let order = self.epoch_order.as_ref().map(|(_, o)| o.as_slice()).unwrap_or_default();
+        let order = self
+            .epoch_order
+            .as_ref()
+            .map(|(_, o)| o.as_slice())
+            .unwrap_or_default();
         order[i * b..(i + 1) * b].to_vec()
     }
 
     fn real_batch(&mut self, k: usize) -> Result<Tensor> {
         let indices = self.batch_indices(k);
-        let mut pixels = Vec::with_capacity(indices.len() * self.model_cfg.channels * self.model_cfg.image_size.pow(2));
+        let mut pixels = Vec::with_capacity(
+            indices.len() * self.model_cfg.channels * self.model_cfg.image_size.pow(2),
+        );
         self.dataset.fill_batch(&indices, &mut pixels);
         let s = self.model_cfg.image_size;
-        Ok(Tensor::from_vec(pixels, (indices.len(), self.model_cfg.channels, s, s), &self.device)?)
+        Ok(Tensor::from_vec(
+            pixels,
+            (indices.len(), self.model_cfg.channels, s, s),
+            &self.device,
+        )?)
     }
 
     fn latents(&self, stream: u64) -> Result<Tensor> {
         let mut rng = rng::stream(self.cfg.seed, streams::STEP_Z_BASE + stream);
-        Ok(rng::normal_tensor(&mut rng, self.cfg.batch_size, self.model_cfg.z_dim, &self.device)?)
+        Ok(rng::normal_tensor(
+            &mut rng,
+            self.cfg.batch_size,
+            self.model_cfg.z_dim,
+            &self.device,
+        )?)
     }
 
     /// One generator step, preceded by `n_dis` discriminator steps.
@@ -230,9 +273,14 @@ impl Trainer {
             let k = self.step * self.cfg.n_dis + j;
             let real = self.real_batch(k)?;
             // The fake batch is detached: the D step must not reach G's weights.
-            let fake = self.generator.forward_t(&self.latents(2 * k as u64)?, true)?.detach();
+            let fake = self
+                .generator
+                .forward_t(&self.latents(2 * k as u64)?, true)?
+                .detach();
             // Real and fake in one batch: one spectral-norm power iteration per D step.
-            let logits = self.discriminator.forward_t(&Tensor::cat(&[&real, &fake], 0)?, true)?;
+            let logits = self
+                .discriminator
+                .forward_t(&Tensor::cat(&[&real, &fake], 0)?, true)?;
             let (d_real, d_fake) = (logits.narrow(0, 0, b)?, logits.narrow(0, b, b)?);
             let d_loss = loss::discriminator_loss(self.cfg.loss, &d_real, &d_fake)?;
             self.opt_d.step(&d_loss.backward()?)?;
@@ -244,7 +292,9 @@ impl Trainer {
         let z = self.latents(2 * self.step as u64 + 1)?;
         // D in evaluation mode: its spectral-norm vectors stay put, so the G step changes
         // nothing of D; the gradients D's weights receive here are discarded.
-        let logits = self.discriminator.forward_t(&self.generator.forward_t(&z, true)?, false)?;
+        let logits = self
+            .discriminator
+            .forward_t(&self.generator.forward_t(&z, true)?, false)?;
         let g_loss = loss::generator_loss(self.cfg.loss, &logits)?;
         self.opt_g.step(&g_loss.backward()?)?;
         if let Some(ema) = &self.ema {
@@ -264,16 +314,24 @@ impl Trainer {
 
     /// The generator samples are drawn from: the EMA one when there is one.
     pub fn sampling_generator(&self) -> &Generator {
-        self.ema.as_ref().map(Ema::generator).unwrap_or(&self.generator)
+        self.ema
+            .as_ref()
+            .map(Ema::generator)
+            .unwrap_or(&self.generator)
     }
 
     /// Writes the fixed-z sample grid and attention maps of the current step.
     pub fn save_samples(&self) -> Result<PathBuf> {
-        let (images, maps) = self.sampling_generator().forward_with_attention(&self.fixed_z, false)?;
+        let (images, maps) = self
+            .sampling_generator()
+            .forward_with_attention(&self.fixed_z, false)?;
         let (n, c, h, w) = images.dims4()?;
         let pixels = images.flatten_all()?.to_vec1::<f32>()?;
         let batch = ImageBatch::new(&pixels, n, c, h, w)?;
-        let grid = self.run.samples().join(format!("step-{:08}.png", self.step));
+        let grid = self
+            .run
+            .samples()
+            .join(format!("step-{:08}.png", self.step));
         save_grid(&grid, batch, (n as f64).sqrt().ceil() as usize)?;
         let shown = ATTENTION_IMAGES.min(n);
         let first = ImageBatch::new(&pixels[..shown * c * h * w], shown, c, h, w)?;
@@ -284,7 +342,10 @@ impl Trainer {
             let values = map.narrow(0, 0, shown)?.flatten_all()?.to_vec1::<f32>()?;
             let queries = default_queries(side, positions / side, ATTENTION_QUERIES);
             let picture = attention_overlay(first, &values, side, positions / side, &queries)?;
-            let path = self.run.samples().join(format!("attention-g{layer}-step-{:08}.png", self.step));
+            let path = self
+                .run
+                .samples()
+                .join(format!("attention-g{layer}-step-{:08}.png", self.step));
             save_png(&path, &picture)?;
         }
         Ok(grid)
@@ -298,11 +359,20 @@ impl Trainer {
             step: self.step,
         };
         let mut files = vec![
-            (meta(Kind::Generator), checkpoint::varmap_tensors(&self.g_vars)),
-            (meta(Kind::Discriminator), checkpoint::varmap_tensors(&self.d_vars)),
+            (
+                meta(Kind::Generator),
+                checkpoint::varmap_tensors(&self.g_vars),
+            ),
+            (
+                meta(Kind::Discriminator),
+                checkpoint::varmap_tensors(&self.d_vars),
+            ),
         ];
         if let Some(ema) = &self.ema {
-            files.push((meta(Kind::GeneratorEma), checkpoint::varmap_tensors(ema.varmap())));
+            files.push((
+                meta(Kind::GeneratorEma),
+                checkpoint::varmap_tensors(ema.varmap()),
+            ));
         }
         let mut optimizer = self.opt_g.state("g")?;
         optimizer.extend(self.opt_d.state("d")?);
@@ -312,7 +382,11 @@ impl Trainer {
 
     fn gammas(&self) -> Result<BTreeMap<String, f32>> {
         let named = |net: &str, stack: &LayerStack| -> Result<Vec<(String, f32)>> {
-            Ok(stack.gammas()?.into_iter().map(|(i, g)| (format!("{net}.layers.{i}"), g)).collect())
+            Ok(stack
+                .gammas()?
+                .into_iter()
+                .map(|(i, g)| (format!("{net}.layers.{i}"), g))
+                .collect())
         };
         let mut gammas = named("g", self.generator.stack())?;
         gammas.extend(named("d", self.discriminator.stack())?);
@@ -362,9 +436,18 @@ impl Trainer {
                 metrics.append(&record)?;
                 let line = format!(
                     "step {}/{} d_loss {:.3} g_loss {:.3} D(x) {:.2} D(G(z)) {:.2} {:.1} img/s",
-                    record.step, self.cfg.steps, record.d_loss, record.g_loss, record.d_real, record.d_fake, record.images_per_sec
+                    record.step,
+                    self.cfg.steps,
+                    record.d_loss,
+                    record.g_loss,
+                    record.d_real,
+                    record.d_fake,
+                    record.images_per_sec
                 );
-                bar.set_message(format!("{:.1} img/s  d {:.3}  g {:.3}", record.images_per_sec, record.d_loss, record.g_loss));
+                bar.set_message(format!(
+                    "{:.1} img/s  d {:.3}  g {:.3}",
+                    record.images_per_sec, record.d_loss, record.g_loss
+                ));
                 if bar.is_hidden() {
                     tracing::info!("{line}");
                 }
@@ -407,7 +490,9 @@ fn progress_bar(total: usize, done: usize, visible: bool) -> indicatif::Progress
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total as u64).with_position(done as u64);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}") {
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+    {
         bar.set_style(style);
     }
     bar

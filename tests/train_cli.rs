@@ -1,0 +1,405 @@
+//! sagan-train, run as users run it.
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+fn train() -> Command {
+    let mut cmd = Command::cargo_bin("sagan-train").unwrap();
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+/// A short run's flags: small batches so tests stay quick on two cores.
+const QUICK: &[&str] = &["--batch-size", "16", "--threads", "2", "--log-every", "1"];
+
+/// All tensors of a safetensors file as raw bytes, for bit-exact comparison.
+fn tensors(path: &Path) -> HashMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().to_vec()))
+        .collect()
+}
+
+fn stderr_of(cmd: &mut Command) -> String {
+    let out = cmd.assert().failure().code(1).get_output().clone();
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn help_teaches_the_main_options() {
+    train().arg("--help").assert().success().stdout(
+        predicate::str::contains("--resume")
+            .and(predicate::str::contains("--preset"))
+            .and(predicate::str::contains("sagan-mnist28")),
+    );
+}
+
+#[test]
+fn short_run_writes_checkpoints_samples_metrics_and_curves() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    train()
+        .args(QUICK)
+        .args([
+            "--steps",
+            "4",
+            "--sample-every",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--keep-last",
+            "1",
+            "--out",
+        ])
+        .arg(&run)
+        .assert()
+        .success();
+    let ckpt = run.join("checkpoints/step-00000004");
+    for file in ["generator", "generator_ema", "discriminator", "optimizer"] {
+        assert!(ckpt.join(format!("{file}.safetensors")).exists(), "{file}");
+    }
+    assert!(
+        !run.join("checkpoints/step-00000002").exists(),
+        "--keep-last 1 keeps one"
+    );
+    let bytes = std::fs::read(ckpt.join("generator.safetensors")).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().clone().unwrap();
+    assert_eq!(meta["kind"], "generator");
+    assert_eq!(meta["step"], "4");
+    assert!(meta["model"].contains("sagan-mnist28"));
+    for png in [
+        "samples/step-00000002.png",
+        "samples/step-00000004.png",
+        "samples/attention-g2-step-00000004.png",
+        "curves.png",
+    ] {
+        image::open(run.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for key in [
+        "step",
+        "d_loss",
+        "g_loss",
+        "d_real",
+        "d_fake",
+        "gammas",
+        "images_per_sec",
+    ] {
+        assert!(lines[3].get(key).is_some(), "metrics lack {key}");
+    }
+    assert!(
+        lines[3]["gammas"].get("g.layers.2").is_some()
+            && lines[3]["gammas"].get("d.layers.1").is_some()
+    );
+}
+
+#[test]
+fn resume_is_bit_identical_to_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    let common = [
+        "--sample-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--seed",
+        "7",
+    ];
+    train()
+        .args(QUICK)
+        .args(common)
+        .args(["--steps", "4", "--out"])
+        .arg(&straight)
+        .assert()
+        .success();
+    train()
+        .args(QUICK)
+        .args(common)
+        .args(["--steps", "2", "--out"])
+        .arg(&split)
+        .assert()
+        .success();
+    train()
+        .args(["--threads", "2", "--steps", "4", "--resume"])
+        .arg(&split)
+        .assert()
+        .success();
+    for file in ["generator", "generator_ema", "discriminator", "optimizer"] {
+        let name = format!("checkpoints/step-00000004/{file}.safetensors");
+        let (a, b) = (tensors(&straight.join(&name)), tensors(&split.join(&name)));
+        assert_eq!(a.len(), b.len(), "{file}");
+        for (tensor, bytes) in &a {
+            assert!(b[tensor] == *bytes, "{file}: {tensor} differs after resume");
+        }
+    }
+    // The resumed run's metrics continue the first part's.
+    let metrics = std::fs::read_to_string(split.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn trains_on_an_image_folder_with_any_preset_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let preset = dir.path().join("tiny16.toml");
+    std::fs::write(
+        &preset,
+        r#"
+name = "tiny16"
+channels = 3
+image_size = 16
+z_dim = 16
+[generator]
+layers = [
+  { type = "conv_transpose", out = 32, kernel = 4, batch_norm = true, act = "relu" },
+  { type = "conv_transpose", out = 16, kernel = 4, stride = 2, padding = 1, batch_norm = true, act = "relu" },
+  { type = "attention" },
+  { type = "conv_transpose", out = 3, kernel = 4, stride = 2, padding = 1, act = "tanh" },
+]
+[discriminator]
+layers = [
+  { type = "conv", out = 16, kernel = 4, stride = 2, padding = 1, act = "leaky_relu" },
+  { type = "attention" },
+  { type = "conv", out = 1, kernel = 8 },
+]
+"#,
+    )
+    .unwrap();
+    let run = dir.path().join("run");
+    train()
+        .args([
+            "--threads",
+            "2",
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+            "--preset",
+        ])
+        .arg(&preset)
+        .arg("--data")
+        .arg(fixture("images-small"))
+        .arg("--out")
+        .arg(&run)
+        .assert()
+        .success();
+    let grid = image::open(run.join("samples/step-00000002.png")).unwrap();
+    assert!(grid.width() > 0);
+}
+
+#[test]
+fn bad_data_is_one_clear_error_naming_the_file() {
+    let cases: [(PathBuf, &str); 4] = [
+        (fixture("does-not-exist"), "does-not-exist"),
+        (fixture("no-images"), "no-images"),
+        (fixture("corrupt"), "not-an-image.png"),
+        (
+            fixture("corrupt/truncated-images-idx3-ubyte.gz"),
+            "truncated",
+        ),
+    ];
+    for (path, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let err = stderr_of(
+            train()
+                .args(QUICK)
+                .arg("--data")
+                .arg(&path)
+                .arg("--out")
+                .arg(dir.path().join("run")),
+        );
+        assert!(err.contains(expected), "{}: {err}", path.display());
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(!err.contains("panicked"));
+    }
+}
+
+#[test]
+fn bad_flag_values_are_rejected_before_any_work() {
+    for (args, expected) in [
+        (vec!["--lr-d", "-1"], "--lr-d"),
+        (vec!["--batch-size", "0"], "--batch-size"),
+        (vec!["--beta2", "1.5"], "--beta2"),
+        (vec!["--threads", "0"], "--threads"),
+        (vec!["--ema-decay", "2"], "--ema-decay"),
+        (vec!["--batch-size", "100000"], "batch size"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let err = stderr_of(train().args(&args).arg("--out").arg(dir.path().join("run")));
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    train()
+        .args(["--preset", "nope"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("sagan-mnist28"));
+    train().args(["--steps", "ten"]).assert().failure().code(2);
+}
+
+#[test]
+fn existing_runs_are_never_overwritten_and_resume_checks_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    train()
+        .args(QUICK)
+        .args(["--steps", "1", "--sample-every", "0", "--out"])
+        .arg(&run)
+        .assert()
+        .success();
+    let generator = run.join("checkpoints/step-00000001/generator.safetensors");
+    let before = std::fs::read(&generator).unwrap();
+
+    let err = stderr_of(
+        train()
+            .args(QUICK)
+            .args(["--steps", "2", "--out"])
+            .arg(&run),
+    );
+    assert!(
+        err.contains("already holds checkpoints") && err.contains("--resume"),
+        "{err}"
+    );
+
+    let err = stderr_of(
+        train()
+            .args(["--preset", "dcgan-mnist28", "--resume"])
+            .arg(&run),
+    );
+    assert!(err.contains("--preset"), "{err}");
+
+    let err = stderr_of(train().args(["--steps", "1", "--resume"]).arg(&run));
+    assert!(err.contains("already at step 1"), "{err}");
+
+    // A checkpoint of another preset copied into the run.
+    let other = dir.path().join("other");
+    train()
+        .args(QUICK)
+        .args([
+            "--preset",
+            "dcgan-mnist28",
+            "--steps",
+            "1",
+            "--sample-every",
+            "0",
+            "--out",
+        ])
+        .arg(&other)
+        .assert()
+        .success();
+    let d_file = "checkpoints/step-00000001/discriminator.safetensors";
+    let own_d = std::fs::read(run.join(d_file)).unwrap();
+    std::fs::copy(other.join(d_file), run.join(d_file)).unwrap();
+    let err = stderr_of(
+        train()
+            .args(["--threads", "2", "--steps", "2", "--resume"])
+            .arg(&run),
+    );
+    assert!(
+        err.contains("discriminator.safetensors") && err.contains("preset"),
+        "{err}"
+    );
+
+    // A truncated checkpoint file.
+    std::fs::write(run.join(d_file), &own_d[..own_d.len() / 2]).unwrap();
+    let err = stderr_of(
+        train()
+            .args(["--threads", "2", "--steps", "2", "--resume"])
+            .arg(&run),
+    );
+    assert!(err.contains("discriminator.safetensors"), "{err}");
+
+    assert_eq!(
+        std::fs::read(&generator).unwrap(),
+        before,
+        "the checkpoint was touched"
+    );
+    assert!(!run.join("checkpoints/step-00000002").exists());
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = stderr_of(train().arg("--resume").arg(&empty));
+    assert!(err.contains("no checkpoint"), "{err}");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_the_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("sagan-train"))
+        .args(QUICK)
+        .args([
+            "--steps",
+            "1000",
+            "--sample-every",
+            "0",
+            "--checkpoint-every",
+            "0",
+            "--out",
+        ])
+        .arg(&run)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics)
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let steps: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    let step: usize = steps[0].trim_start_matches("step-").parse().unwrap();
+    assert!(step >= 2);
+    train()
+        .args(["--threads", "2", "--steps"])
+        .arg((step + 1).to_string())
+        .arg("--resume")
+        .arg(&run)
+        .assert()
+        .success();
+    assert!(run
+        .join(format!("checkpoints/step-{:08}", step + 1))
+        .exists());
+}
