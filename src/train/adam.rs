@@ -60,11 +60,14 @@ impl Adam {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // A variable's gradient still references the step's graph; the moments outlive
+            // the step, so they must not keep it (and every step's activations) alive.
+            let grad = grad.detach();
             let (m, v) = match self.moments.get(name) {
                 Some(state) => state.clone(),
                 None => (grad.zeros_like()?, grad.zeros_like()?),
             };
-            let m = ((m * beta1)? + (grad * (1.0 - beta1))?)?;
+            let m = ((m * beta1)? + (&grad * (1.0 - beta1))?)?;
             let v = ((v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let update = ((&m / correction1)? / ((&v / correction2)?.sqrt()? + eps)?)?;
             var.set(&(var.as_tensor() - (update * lr)?)?)?;
