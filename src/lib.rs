@@ -21,3 +21,5 @@ pub mod rng;
 pub mod train;
 
 pub use error::{Error, Result};
+#[cfg(feature = "train")]
+pub mod export;

@@ -136,7 +136,15 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         .assert()
         .success();
     train()
-        .args(["--threads", "2", "--log-every", "1", "--steps", "4", "--resume"])
+        .args([
+            "--threads",
+            "2",
+            "--log-every",
+            "1",
+            "--steps",
+            "4",
+            "--resume",
+        ])
         .arg(&split)
         .assert()
         .success();

@@ -1,0 +1,489 @@
+//! Generator checkpoints to ONNX: the graph is derived by walking the same `Generator` the
+//! training uses, with spectral norm and batch norm folded into the convolution weights.
+
+pub mod decompose;
+pub mod graph;
+
+use crate::checkpoint::{self, Kind, Metadata, RunDir};
+use crate::config::{Activation, ModelConfig};
+use crate::model::{ConvKind, Generator, Layer, SNConv2d, SelfAttention};
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::{BatchNorm, VarMap};
+use candle_onnx::onnx::{tensor_proto::DataType, ModelProto};
+use graph::{attr_float, attr_int, attr_ints, batched, GraphBuilder};
+use prost::Message;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// Add every attention layer's map [batch, N, N] as outputs `attention_0`, `attention_1`, ...
+    pub attention_maps: bool,
+    /// Write each ConvTranspose as zero insertion plus Conv, for runtimes without ConvTranspose.
+    pub decompose_conv_transpose: bool,
+}
+
+/// Which weights of a run to export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// The moving average when the run kept one, else the raw weights.
+    Preferred,
+    Raw,
+}
+
+/// Max |candle - ONNX| an export must stay within to be written.
+pub const EXPORT_TOLERANCE: f32 = 1e-4;
+
+/// The folded weight and bias of a conv layer: W / sigma, then batch norm (running
+/// statistics) folded in as a per-output-channel scale and shift. Folding rather than
+/// exporting BatchNormalization keeps the graph minimal and identical across runtimes.
+fn folded_conv(conv: &SNConv2d, batch_norm: Option<&BatchNorm>) -> Result<(Tensor, Tensor)> {
+    let weight = conv.spectral_norm().weight(false)?;
+    let bias = conv.bias().clone();
+    let Some(bn) = batch_norm else {
+        return Ok((weight, bias));
+    };
+    let inv_std = (bn.running_var() + bn.eps())?.sqrt()?.recip()?;
+    let (scale, shift) = match bn.weight_and_bias() {
+        Some((gamma, beta)) => {
+            let scale = (gamma * &inv_std)?;
+            let shift = (beta - (bn.running_mean() * &scale)?)?;
+            (scale, shift)
+        }
+        None => (inv_std.clone(), (bn.running_mean() * &inv_std)?.neg()?),
+    };
+    let out = scale.dim(0)?;
+    let per_channel = match conv.kind() {
+        ConvKind::Conv => scale.reshape((out, 1, 1, 1))?,
+        ConvKind::Transpose => scale.reshape((1, out, 1, 1))?,
+    };
+    Ok((
+        weight.broadcast_mul(&per_channel)?,
+        ((bias * &scale)? + shift)?,
+    ))
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Emits `layer` reading `x` of shape [batch, c, h, w]; returns its output name.
+struct Emitter<'a> {
+    b: GraphBuilder,
+    leaky_slope: f64,
+    attention_outputs: Option<&'a mut Vec<String>>,
+}
+
+impl Emitter<'_> {
+    fn conv(
+        &mut self,
+        x: &str,
+        conv: &SNConv2d,
+        bn: Option<&BatchNorm>,
+        act: Activation,
+        out_shape: [usize; 3],
+    ) -> Result<String> {
+        let (weight, bias) = folded_conv(conv, bn)?;
+        let w = self
+            .b
+            .float_const("weight", weight.dims(), &values(&weight)?);
+        let bias_name = self.b.float_const("bias", bias.dims(), &values(&bias)?);
+        let k = weight.dim(2)? as i64;
+        let (s, p) = (conv.stride() as i64, conv.padding() as i64);
+        let op = match conv.kind() {
+            ConvKind::Conv => "Conv",
+            ConvKind::Transpose => "ConvTranspose",
+        };
+        let attrs = vec![
+            attr_ints("kernel_shape", &[k, k]),
+            attr_ints("strides", &[s, s]),
+            attr_ints("pads", &[p, p, p, p]),
+        ];
+        let y = self
+            .b
+            .node(op, &[x, &w, &bias_name], attrs, batched(&out_shape));
+        Ok(match act {
+            Activation::None => y,
+            Activation::Relu => self.b.node("Relu", &[&y], vec![], batched(&out_shape)),
+            Activation::Tanh => self.b.node("Tanh", &[&y], vec![], batched(&out_shape)),
+            Activation::LeakyRelu => self.b.node(
+                "LeakyRelu",
+                &[&y],
+                vec![attr_float("alpha", self.leaky_slope as f32)],
+                batched(&out_shape),
+            ),
+        })
+    }
+
+    fn conv1x1(&mut self, x: &str, conv: &SNConv2d, shape: [usize; 3]) -> Result<String> {
+        self.conv(x, conv, None, Activation::None, shape)
+    }
+
+    /// The attention block, op for op as `SelfAttention::forward_with_map`.
+    fn attention(
+        &mut self,
+        x: &str,
+        attn: &SelfAttention,
+        [c, h, w]: [usize; 3],
+    ) -> Result<String> {
+        let (n, c8) = (h * w, attn.query().bias().dim(0)?);
+        let q = self.conv1x1(x, attn.query(), [c8, h, w])?;
+        let k = self.conv1x1(x, attn.key(), [c8, h, w])?;
+        let v = self.conv1x1(x, attn.value(), [c, h, w])?;
+        let flat_c8 = self.b.int64_const("shape", &[-1, c8 as i64, n as i64]);
+        let flat_c = self.b.int64_const("shape", &[-1, c as i64, n as i64]);
+        let q = self
+            .b
+            .node("Reshape", &[&q, &flat_c8], vec![], batched(&[c8, n]));
+        let k = self
+            .b
+            .node("Reshape", &[&k, &flat_c8], vec![], batched(&[c8, n]));
+        let v = self
+            .b
+            .node("Reshape", &[&v, &flat_c], vec![], batched(&[c, n]));
+        let qt = self.b.node(
+            "Transpose",
+            &[&q],
+            vec![attr_ints("perm", &[0, 2, 1])],
+            batched(&[n, c8]),
+        );
+        let energy = self.b.node("MatMul", &[&qt, &k], vec![], batched(&[n, n]));
+        let attention = self.b.node(
+            "Softmax",
+            &[&energy],
+            vec![attr_int("axis", -1)],
+            batched(&[n, n]),
+        );
+        let attention_t = self.b.node(
+            "Transpose",
+            &[&attention],
+            vec![attr_ints("perm", &[0, 2, 1])],
+            batched(&[n, n]),
+        );
+        let o = self
+            .b
+            .node("MatMul", &[&v, &attention_t], vec![], batched(&[c, n]));
+        let image_shape = self
+            .b
+            .int64_const("shape", &[-1, c as i64, h as i64, w as i64]);
+        let o = self
+            .b
+            .node("Reshape", &[&o, &image_shape], vec![], batched(&[c, h, w]));
+        let gamma = self.b.float_const("gamma", &[1], &values(attn.gamma())?);
+        let scaled = self
+            .b
+            .node("Mul", &[&o, &gamma], vec![], batched(&[c, h, w]));
+        if let Some(outputs) = self.attention_outputs.as_deref_mut() {
+            let name = format!("attention_{}", outputs.len());
+            self.b.rename(&attention, &name);
+            self.b.output(&name, batched(&[n, n]));
+            outputs.push(name);
+        }
+        Ok(self
+            .b
+            .node("Add", &[&scaled, x], vec![], batched(&[c, h, w])))
+    }
+}
+
+/// Builds the ONNX model of `generator` (evaluation mode).
+pub fn generator_to_onnx(
+    generator: &Generator,
+    cfg: &ModelConfig,
+    metadata: Vec<(String, String)>,
+    opts: &ExportOptions,
+) -> Result<ModelProto> {
+    let mut attention_outputs = Vec::new();
+    let mut emitter = Emitter {
+        b: GraphBuilder::default(),
+        leaky_slope: cfg.leaky_slope,
+        attention_outputs: opts.attention_maps.then_some(&mut attention_outputs),
+    };
+    emitter.b.input("z", DataType::Float, batched(&[cfg.z_dim]));
+    let as_image = emitter
+        .b
+        .int64_const("shape", &[-1, cfg.z_dim as i64, 1, 1]);
+    let mut x = emitter.b.node(
+        "Reshape",
+        &["z", &as_image],
+        vec![],
+        batched(&[cfg.z_dim, 1, 1]),
+    );
+    let shapes = cfg.generator.shapes((cfg.z_dim, 1, 1), "generator")?;
+    for (layer, &(c, h, w)) in generator.stack().layers().iter().zip(&shapes) {
+        x = match layer {
+            Layer::Conv {
+                conv,
+                batch_norm,
+                act,
+            } => emitter.conv(&x, conv, batch_norm.as_ref(), *act, [c, h, w])?,
+            Layer::Attention(attn) => emitter.attention(&x, attn, [c, h, w])?,
+        };
+    }
+    let mut b = emitter.b;
+    b.rename(&x, "image");
+    b.output(
+        "image",
+        batched(&[cfg.channels, cfg.image_size, cfg.image_size]),
+    );
+    let mut metadata = metadata;
+    metadata.push((
+        "sagan.attention_outputs".into(),
+        attention_outputs.len().to_string(),
+    ));
+    let mut model = b.into_model(&cfg.name, metadata);
+    if opts.decompose_conv_transpose {
+        decompose::decompose_conv_transpose(&mut model)?;
+    }
+    Ok(model)
+}
+
+/// Evaluates `model` with candle-onnx on `z` [n, z_dim] (decomposing ConvTranspose, which its
+/// evaluator lacks), returning every output.
+pub fn evaluate(model: &ModelProto, z: &Tensor) -> Result<HashMap<String, Tensor>> {
+    let mut model = model.clone();
+    decompose::decompose_conv_transpose(&mut model)?;
+    let inputs = HashMap::from([("z".to_string(), z.clone())]);
+    Ok(candle_onnx::simple_eval(&model, inputs)?)
+}
+
+/// Max |candle - ONNX| over `image` and any attention outputs, for latents `z`.
+pub fn max_abs_diff(model: &ModelProto, generator: &Generator, z: &Tensor) -> Result<f32> {
+    let outputs = evaluate(model, z)?;
+    let (image, maps) = generator.forward_with_attention(z, false)?;
+    let mut expected = vec![("image".to_string(), image)];
+    expected.extend(
+        maps.into_iter()
+            .enumerate()
+            .map(|(i, m)| (format!("attention_{i}"), m)),
+    );
+    let mut worst = 0f32;
+    for (name, want) in expected {
+        let Some(got) = outputs.get(&name) else {
+            continue;
+        };
+        let diff = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        worst = worst.max(if diff.is_nan() { f32::INFINITY } else { diff });
+    }
+    Ok(worst)
+}
+
+/// A generator loaded from a checkpoint file.
+pub struct LoadedGenerator {
+    pub generator: Generator,
+    pub meta: Metadata,
+    pub path: PathBuf,
+}
+
+/// Loads a generator checkpoint, refusing files that hold anything else.
+pub fn load_generator(path: &Path, device: &Device) -> Result<LoadedGenerator> {
+    let (tensors, meta) = checkpoint::load(path, device)?;
+    if !matches!(meta.kind, Kind::Generator | Kind::GeneratorEma) {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("is a {} checkpoint, not a generator", meta.kind.name()),
+        });
+    }
+    let varmap = VarMap::new();
+    let vb = crate::rng::seeded_var_builder(&varmap, crate::rng::stream(0, 0), device);
+    let generator = Generator::new(vb, &meta.model)?;
+    checkpoint::restore_varmap(&varmap, &tensors, path)?;
+    Ok(LoadedGenerator {
+        generator,
+        meta,
+        path: path.to_path_buf(),
+    })
+}
+
+/// The generator file to export for `checkpoint`: a file, a step directory, a run directory,
+/// or (None) the newest checkpoint under `runs/`.
+pub fn resolve_checkpoint(checkpoint: Option<&Path>, weights: Weights) -> Result<PathBuf> {
+    let step_dir = match checkpoint {
+        Some(path) if path.is_file() => return Ok(path.to_path_buf()),
+        Some(path) if path.join(Kind::Generator.file_name()).is_file() => path.to_path_buf(),
+        Some(path) if path.is_dir() => {
+            let run = RunDir::new(path);
+            let step = run.latest_step()?.ok_or_else(|| Error::Checkpoint {
+                path: path.to_path_buf(),
+                msg: "holds no checkpoint (expected RUN_DIR/checkpoints/step-N/generator.safetensors)".into(),
+            })?;
+            run.step_dir(step)
+        }
+        Some(path) => {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ))
+        }
+        None => newest_checkpoint(Path::new("runs"))?,
+    };
+    let ema = step_dir.join(Kind::GeneratorEma.file_name());
+    Ok(match weights {
+        Weights::Preferred if ema.is_file() => ema,
+        _ => step_dir.join(Kind::Generator.file_name()),
+    })
+}
+
+/// The most recently written step directory of any run under `runs`.
+fn newest_checkpoint(runs: &Path) -> Result<PathBuf> {
+    let none = || Error::Checkpoint {
+        path: runs.to_path_buf(),
+        msg: "no training run found: run sagan-train first, or pass --checkpoint".into(),
+    };
+    let entries = std::fs::read_dir(runs).map_err(|_| none())?;
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for run in entries.filter_map(|e| e.ok()) {
+        let run = RunDir::new(run.path());
+        if let Some(step) = run.latest_step()? {
+            let dir = run.step_dir(step);
+            let modified = std::fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .map_err(|e| Error::io(&dir, e))?;
+            if newest.as_ref().is_none_or(|(t, _)| modified > *t) {
+                newest = Some((modified, dir));
+            }
+        }
+    }
+    newest.map(|(_, dir)| dir).ok_or_else(none)
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub checkpoint: PathBuf,
+    pub output: PathBuf,
+    pub preset: String,
+    pub step: usize,
+    pub bytes: usize,
+    pub nodes: usize,
+    pub max_abs_diff: f32,
+}
+
+/// Latents the export is verified on: a few, seeded, so reruns are comparable.
+pub fn verification_latents(n: usize, z_dim: usize, device: &Device) -> Result<Tensor> {
+    Ok(crate::rng::normal_tensor(
+        &mut crate::rng::stream(0, crate::rng::streams::FIXED_Z),
+        n,
+        z_dim,
+        device,
+    )?)
+}
+
+/// Exports the generator in `checkpoint` to `output`. The file is written to a temporary
+/// path, read back, evaluated against the candle generator, and only renamed into place if
+/// it reproduces it within [`EXPORT_TOLERANCE`].
+pub fn export_checkpoint(
+    checkpoint: &Path,
+    output: &Path,
+    opts: &ExportOptions,
+) -> Result<ExportReport> {
+    let device = Device::Cpu;
+    let loaded = load_generator(checkpoint, &device)?;
+    let cfg = &loaded.meta.model;
+    let metadata = vec![
+        ("sagan.preset".to_string(), cfg.name.clone()),
+        ("sagan.model".to_string(), cfg.to_json()),
+        ("sagan.step".to_string(), loaded.meta.step.to_string()),
+        ("sagan.z_dim".to_string(), cfg.z_dim.to_string()),
+        ("sagan.channels".to_string(), cfg.channels.to_string()),
+        ("sagan.image_size".to_string(), cfg.image_size.to_string()),
+        ("sagan.value_range".to_string(), "-1,1".to_string()),
+        (
+            "sagan.weights".to_string(),
+            loaded.meta.kind.name().to_string(),
+        ),
+        (
+            "producer".to_string(),
+            format!("sagan {}", env!("CARGO_PKG_VERSION")),
+        ),
+    ];
+    let model = generator_to_onnx(&loaded.generator, cfg, metadata, opts)?;
+    let bytes = model.encode_to_vec();
+    let z = verification_latents(4, cfg.z_dim, &device)?;
+    let mut max_diff = 0.0;
+    let at_output = |e: std::io::Error| Error::io(output, e);
+    crate::fsutil::write_atomic_with(output, |tmp| {
+        std::fs::write(tmp, &bytes).map_err(at_output)?;
+        let written = std::fs::read(tmp).map_err(at_output)?;
+        let reread = ModelProto::decode(written.as_slice()).map_err(|e| Error::Checkpoint {
+            path: output.to_path_buf(),
+            msg: format!("the written model does not decode: {e}"),
+        })?;
+        max_diff = max_abs_diff(&reread, &loaded.generator, &z)?;
+        if max_diff.is_finite() && max_diff <= EXPORT_TOLERANCE {
+            Ok(())
+        } else {
+            Err(Error::Checkpoint {
+                path: output.to_path_buf(),
+                msg: format!("the exported graph differs from the generator by {max_diff:e} (tolerance {EXPORT_TOLERANCE:e}); nothing written"),
+            })
+        }
+    })?;
+    Ok(ExportReport {
+        checkpoint: loaded.path,
+        output: output.to_path_buf(),
+        preset: cfg.name.clone(),
+        step: loaded.meta.step,
+        bytes: bytes.len(),
+        nodes: model.graph.as_ref().map_or(0, |g| g.node.len()),
+        max_abs_diff: max_diff,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BUILTIN_PRESETS;
+    use crate::rng::{seeded_var_builder, stream};
+    use candle_core::ModuleT;
+
+    /// A generator with non-trivial state: SN vectors iterated, BN statistics moved, gammas set.
+    fn trained_like(cfg: &ModelConfig) -> Generator {
+        let varmap = VarMap::new();
+        let g =
+            Generator::new(seeded_var_builder(&varmap, stream(9, 1), &Device::Cpu), cfg).unwrap();
+        let z = verification_latents(8, cfg.z_dim, &Device::Cpu).unwrap();
+        for _ in 0..3 {
+            g.forward_t(&z, true).unwrap();
+        }
+        let data = varmap.data().lock().unwrap();
+        for (name, var) in data.iter() {
+            if name.ends_with("gamma") {
+                var.set(&Tensor::new(&[0.8f32], &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        g
+    }
+
+    #[test]
+    fn decomposed_export_matches_candle_within_1e5_for_every_preset() {
+        for (name, _) in BUILTIN_PRESETS {
+            let cfg = ModelConfig::resolve(name).unwrap();
+            let g = trained_like(&cfg);
+            let opts = ExportOptions {
+                attention_maps: true,
+                decompose_conv_transpose: true,
+            };
+            let model = generator_to_onnx(&g, &cfg, vec![], &opts).unwrap();
+            assert!(model
+                .graph
+                .as_ref()
+                .unwrap()
+                .node
+                .iter()
+                .all(|n| n.op_type != "ConvTranspose"));
+            let z = verification_latents(3, cfg.z_dim, &Device::Cpu).unwrap();
+            let diff = max_abs_diff(&model, &g, &z).unwrap();
+            assert!(diff <= 1e-5, "{name}: max abs diff {diff}");
+            let outputs = evaluate(&model, &z).unwrap();
+            let attention = cfg
+                .generator
+                .layers
+                .iter()
+                .filter(|l| matches!(l, crate::config::LayerConfig::Attention))
+                .count();
+            assert_eq!(outputs.len(), 1 + attention, "{name}");
+        }
+    }
+}
