@@ -232,6 +232,10 @@ pub fn generator_to_onnx(
         attention_outputs.len().to_string(),
     ));
     let mut model = b.into_model(&cfg.name, metadata);
+    if let Some(graph) = model.graph.as_mut() {
+        // `image` first: runtimes list outputs in this order.
+        graph.output.sort_by_key(|o| o.name != "image");
+    }
     if opts.decompose_conv_transpose {
         decompose::decompose_conv_transpose(&mut model)?;
     }
