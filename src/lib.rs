@@ -14,6 +14,10 @@ pub mod config;
 #[cfg(feature = "train")]
 pub mod data;
 #[cfg(feature = "train")]
+pub mod export;
+#[cfg(feature = "infer")]
+pub mod infer;
+#[cfg(feature = "train")]
 pub mod model;
 #[cfg(feature = "train")]
 pub mod rng;
@@ -21,5 +25,3 @@ pub mod rng;
 pub mod train;
 
 pub use error::{Error, Result};
-#[cfg(feature = "train")]
-pub mod export;

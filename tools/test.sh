@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: installs the Python side the tests call (the official ONNX checker) into a
-# cached .venv, then runs cargo's tests. Extra arguments go to cargo test.
+# The test suite: installs what the tests call (the official ONNX checker in a cached .venv,
+# ONNX Runtime's CPU library in .onnxruntime/cpu), then runs cargo's tests. Extra arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,5 +9,7 @@ if ! .venv/bin/python -c "import onnx" 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check onnx==1.23.2 numpy
 fi
 export SAGAN_PYTHON="$PWD/.venv/bin/python"
+# sagan-infer's tests load the CPU ONNX Runtime from .onnxruntime/cpu.
+tools/install-onnxruntime.sh cpu
 
 cargo test --release "$@"

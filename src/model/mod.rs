@@ -2,6 +2,7 @@
 //! discriminator built from a preset's layer list.
 
 pub mod attention;
+pub mod conv_ops;
 pub mod discriminator;
 pub mod generator;
 pub mod spectral_norm;

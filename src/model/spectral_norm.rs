@@ -176,9 +176,13 @@ impl SNConv2d {
 impl ModuleT for SNConv2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let w = self.sn.weight(train)?;
+        // im2col/col2im + GEMM kernels with their own backward: candle's CPU transposed conv
+        // (also its conv2d input gradient) is a direct loop several times slower.
         let y = match self.kind {
-            ConvKind::Conv => x.conv2d(&w, self.padding, self.stride, 1, 1)?,
-            ConvKind::Transpose => x.conv_transpose2d(&w, self.padding, 0, self.stride, 1)?,
+            ConvKind::Conv => super::conv_ops::conv2d(x, &w, self.stride, self.padding)?,
+            ConvKind::Transpose => {
+                super::conv_ops::conv_transpose2d(x, &w, self.stride, self.padding)?
+            }
         };
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }

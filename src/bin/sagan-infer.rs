@@ -1,0 +1,500 @@
+//! sagan-infer: samples from a generator exported by sagan-export, on ONNX Runtime. No candle:
+//! the binary only needs `libonnxruntime` (see `tools/install-onnxruntime.sh`).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use sagan::image_io::{self, ImageBatch};
+use sagan::infer::bench::LatencySummary;
+use sagan::infer::latent::check_truncation;
+use sagan::infer::{
+    interpolate, latents, truncated_latents, Generated, Generator, Interpolation, LibrarySearch,
+    LoadOptions, Provider, Runtime, TensorRtOptions,
+};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const EXAMPLES: &str = "\
+Examples:
+  # 64 samples from seed 0 as one grid PNG in samples/, on the CPU
+  sagan-infer --model model.onnx
+
+  # on the GPU (needs the GPU runtime: tools/install-onnxruntime.sh gpu)
+  sagan-infer --model model.onnx --provider cuda
+
+  # try the GPU, run on the CPU with a warning if it cannot be used
+  sagan-infer --provider cuda --fallback cpu
+
+  # TensorRT, fp16, engines cached across runs, tuned for batches of 1 to 64
+  sagan-infer --provider tensorrt --trt-fp16 --trt-cache .trt-cache --trt-batch 1,64,64
+
+  # 16 sharper but less varied samples, each also as its own PNG
+  sagan-infer --count 16 --truncation 0.7 --png-each --out out/
+
+  # walk through the latents of seeds 5, 6, 7, 8 in 10 steps per segment (one grid row each)
+  sagan-infer --seed 5 --count 4 --interpolate 10
+
+  # latency and throughput, batches of 32, 4 threads
+  sagan-infer --bench --batch 32 --threads 4
+
+  # a generator from elsewhere: one float input [batch, z], one [batch, C, H, W] output
+  sagan-infer --model other.onnx --z-dim 128
+
+Latents are the same as sagan-train's sample grids: `--seed S` reproduces the grid of the
+training run with seed S. Attention overlays are written when the model was exported with
+--attention-maps. ONNX Runtime is looked for in: --ort-lib, $ORT_DYLIB_PATH,
+./.onnxruntime/{cpu,gpu}/lib, the repository's .onnxruntime (for `cargo run`), then the system.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ProviderArg {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FallbackArg {
+    Cpu,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum InterpArg {
+    /// Great-circle interpolation: keeps latent norms typical (the usual choice).
+    Slerp,
+    /// Straight line between latents.
+    Lerp,
+}
+
+/// Samples images from a SAGAN generator exported to ONNX by sagan-export.
+#[derive(Debug, Parser)]
+#[command(name = "sagan-infer", version, after_help = EXAMPLES)]
+struct Args {
+    /// The ONNX generator.
+    #[arg(long, default_value = "model.onnx", value_name = "PATH")]
+    model: PathBuf,
+
+    /// Execution provider. A provider that cannot run here is an error (see --fallback).
+    #[arg(long, value_enum, default_value_t = ProviderArg::Cpu)]
+    provider: ProviderArg,
+
+    /// Run on the CPU, with a warning, when --provider cannot be used.
+    #[arg(long, value_enum, value_name = "cpu")]
+    fallback: Option<FallbackArg>,
+
+    /// GPU to run on (cuda, tensorrt).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    device_id: i32,
+
+    /// TensorRT: keep built engines and timing caches in DIR (first run builds, later runs load).
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
+
+    /// TensorRT: allow fp16 kernels.
+    #[arg(long)]
+    trt_fp16: bool,
+
+    /// TensorRT: batch sizes of the optimisation profile [default: 1,BATCH,BATCH].
+    #[arg(long, value_name = "MIN,OPT,MAX", value_parser = parse_batch_profile)]
+    trt_batch: Option<[usize; 3]>,
+
+    /// The ONNX Runtime library (libonnxruntime.so*) to load; overrides $ORT_DYLIB_PATH.
+    #[arg(long, value_name = "PATH")]
+    ort_lib: Option<PathBuf>,
+
+    /// The z size, for a generator whose file does not say (no sagan metadata, symbolic shape).
+    #[arg(long, value_name = "N")]
+    z_dim: Option<usize>,
+
+    /// Number of images [default: 64]; with --interpolate, the number of keyframe seeds
+    /// [default: 8].
+    #[arg(long, value_name = "N")]
+    count: Option<usize>,
+
+    /// Images per run of the model [default: min(count, 64)].
+    #[arg(long, value_name = "N")]
+    batch: Option<usize>,
+
+    /// Latent seed: the same seed gives the same images (and sagan-train's grid for that seed).
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    seed: u64,
+
+    /// Truncation trick: redraw every latent value with |z| > T (T > 0; smaller is sharper and
+    /// less varied).
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    truncation: Option<f32>,
+
+    /// Interpolate between the latents of seeds S, S+1, ..., S+count-1: N images per segment
+    /// (both ends included), one grid row per segment.
+    #[arg(long, value_name = "N")]
+    interpolate: Option<usize>,
+
+    /// How --interpolate moves between latents.
+    #[arg(long, value_enum, default_value_t = InterpArg::Slerp)]
+    interp_mode: InterpArg,
+
+    /// Output folder.
+    #[arg(long, default_value = "samples", value_name = "DIR")]
+    out: PathBuf,
+
+    /// Write one grid PNG of all images (the default).
+    #[arg(long, overrides_with = "no_grid")]
+    grid: bool,
+
+    /// Do not write the grid PNG.
+    #[arg(long, overrides_with = "grid")]
+    no_grid: bool,
+
+    /// Also write every image as its own PNG, at the model's resolution.
+    #[arg(long)]
+    png_each: bool,
+
+    /// Do not write attention overlays even if the model has attention outputs.
+    #[arg(long)]
+    no_attention: bool,
+
+    /// Measure instead of writing: warm-up runs, then latency percentiles and images/s.
+    #[arg(long)]
+    bench: bool,
+
+    /// Timed runs for --bench.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    bench_runs: usize,
+
+    /// Intra-op threads [default: ONNX Runtime's, one per core].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+fn parse_batch_profile(s: &str) -> std::result::Result<[usize; 3], String> {
+    let parts: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| format!("'{s}' is not MIN,OPT,MAX (three positive integers)"))?;
+    match parts[..] {
+        [min, opt, max] if min >= 1 && min <= opt && opt <= max => Ok([min, opt, max]),
+        _ => Err(format!(
+            "'{s}' is not MIN,OPT,MAX with 1 <= MIN <= OPT <= MAX"
+        )),
+    }
+}
+
+/// Images to draw, in grid order.
+enum Plan {
+    Samples { count: usize },
+    Interpolation { keyframes: usize, steps: usize },
+}
+
+impl Plan {
+    fn images(&self) -> usize {
+        match *self {
+            Plan::Samples { count } => count,
+            Plan::Interpolation { keyframes, steps } => (keyframes - 1) * steps,
+        }
+    }
+
+    fn columns(&self) -> usize {
+        match *self {
+            Plan::Samples { count } => (count as f64).sqrt().ceil() as usize,
+            Plan::Interpolation { steps, .. } => steps,
+        }
+    }
+
+    /// File name stem: `seed0`, `interp-seed0`.
+    fn stem(&self, seed: u64) -> String {
+        match self {
+            Plan::Samples { .. } => format!("seed{seed}"),
+            Plan::Interpolation { .. } => format!("interp-seed{seed}"),
+        }
+    }
+}
+
+fn main() {
+    let start = Instant::now();
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    if let Err(e) = run(&args, start) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &Args, start: Instant) -> Result<()> {
+    let plan = plan(args)?;
+    let batch = args.batch.unwrap_or(plan.images().min(64));
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    if let Some(t) = args.truncation {
+        check_truncation(t)?;
+    }
+    let grid = !args.no_grid;
+    if !args.bench {
+        if !grid && !args.png_each {
+            bail!("--no-grid without --png-each would write nothing");
+        }
+        prepare_out_dir(&args.out)?;
+    }
+    let provider = provider(args, batch)?;
+
+    let search = LibrarySearch::from_process(args.ort_lib.clone(), provider.needs_gpu_runtime());
+    let runtime = Runtime::init(&search)?;
+    let options = LoadOptions {
+        provider,
+        fallback_cpu: args.fallback.is_some(),
+        threads: args.threads,
+        z_dim: args.z_dim,
+    };
+    let mut generator = Generator::load(runtime, &args.model, &options)?;
+    eprintln!("{}", describe(&generator, runtime));
+
+    let z = plan_latents(args, &plan, generator.z_dim())?;
+    if args.bench {
+        return bench(&mut generator, &z, batch, args);
+    }
+
+    let n = plan.images();
+    let stem = plan.stem(args.seed);
+    let mut first_png: Option<Duration> = None;
+    let z_dim = generator.z_dim();
+    let mut all: Option<Generated> = None;
+    for (b, chunk) in z.chunks(batch * z_dim).enumerate() {
+        let m = chunk.len() / z_dim;
+        let out = generator.generate(chunk, m)?;
+        if args.png_each {
+            let images = ImageBatch::new(&out.images, m, out.channels, out.height, out.width)?;
+            for i in 0..m {
+                let path = args.out.join(format!("{stem}-{:04}.png", b * batch + i));
+                image_io::save_png(&path, &images.image(i))?;
+                first_png.get_or_insert_with(|| start.elapsed());
+            }
+        }
+        match &mut all {
+            None => all = Some(out),
+            Some(all) => all.append(out),
+        }
+    }
+    let Some(all) = all else {
+        bail!("no images generated");
+    };
+    let images = ImageBatch::new(&all.images, n, all.channels, all.height, all.width)?;
+    if args.png_each {
+        println!(
+            "wrote {n} images: {} ... {}",
+            args.out.join(format!("{stem}-0000.png")).display(),
+            args.out.join(format!("{stem}-{:04}.png", n - 1)).display()
+        );
+    }
+    if grid {
+        let path = args.out.join(format!("{stem}-grid.png"));
+        image_io::save_grid(&path, images, plan.columns())?;
+        first_png.get_or_insert_with(|| start.elapsed());
+        println!(
+            "wrote {} ({n} images of {}x{}, {} per row)",
+            path.display(),
+            all.height,
+            all.width,
+            plan.columns().min(n)
+        );
+    }
+    if !args.no_attention {
+        // A few images are enough to see where each layer looks; all 64 would be a poster.
+        let shown = n.min(8);
+        let plane = all.channels * all.height * all.width;
+        let subset = ImageBatch::new(
+            &all.images[..shown * plane],
+            shown,
+            all.channels,
+            all.height,
+            all.width,
+        )?;
+        for (k, maps) in all.attention.iter().enumerate() {
+            let side = maps.side;
+            let queries = image_io::default_queries(side, side, 4);
+            let overlay = image_io::attention_overlay(
+                subset,
+                &maps.maps[..shown * side.pow(4)],
+                side,
+                side,
+                &queries,
+            )?;
+            let path = args.out.join(format!("{stem}-attention{k}.png"));
+            image_io::save_png(&path, &overlay)?;
+            first_png.get_or_insert_with(|| start.elapsed());
+            println!(
+                "wrote {} ({}: {side}x{side} map, {} queries, first {shown} images)",
+                path.display(),
+                maps.name,
+                queries.len()
+            );
+        }
+    }
+    if let Some(t) = first_png {
+        eprintln!(
+            "first PNG written {:.1} ms after start",
+            t.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
+fn plan(args: &Args) -> Result<Plan> {
+    match args.interpolate {
+        None => {
+            let count = args.count.unwrap_or(64);
+            if count == 0 {
+                bail!("--count must be at least 1");
+            }
+            Ok(Plan::Samples { count })
+        }
+        Some(steps) => {
+            if steps < 2 {
+                bail!("--interpolate needs at least 2 steps (both ends), got {steps}");
+            }
+            let keyframes = args.count.unwrap_or(8);
+            if keyframes < 2 {
+                bail!("--interpolate needs --count >= 2 keyframe seeds, got {keyframes}");
+            }
+            Ok(Plan::Interpolation { keyframes, steps })
+        }
+    }
+}
+
+/// All latents of the plan, `[images, z_dim]`.
+fn plan_latents(args: &Args, plan: &Plan, z_dim: usize) -> Result<Vec<f32>> {
+    let draw = |seed: u64, n: usize| -> Result<Vec<f32>> {
+        Ok(match args.truncation {
+            Some(t) => truncated_latents(seed, n, z_dim, t)?,
+            None => latents(seed, n, z_dim),
+        })
+    };
+    match *plan {
+        Plan::Samples { count } => draw(args.seed, count),
+        Plan::Interpolation { keyframes, steps } => {
+            let mode = match args.interp_mode {
+                InterpArg::Slerp => Interpolation::Spherical,
+                InterpArg::Lerp => Interpolation::Linear,
+            };
+            let keys = (0..keyframes as u64)
+                .map(|k| draw(args.seed.wrapping_add(k), 1))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(keys
+                .windows(2)
+                .flat_map(|pair| interpolate(&pair[0], &pair[1], steps, mode))
+                .collect())
+        }
+    }
+}
+
+fn provider(args: &Args, batch: usize) -> Result<Provider> {
+    let trt_flags = args.trt_cache.is_some() || args.trt_fp16 || args.trt_batch.is_some();
+    if trt_flags && args.provider != ProviderArg::Tensorrt {
+        bail!("--trt-cache, --trt-fp16 and --trt-batch need --provider tensorrt");
+    }
+    Ok(match args.provider {
+        ProviderArg::Cpu => Provider::Cpu,
+        ProviderArg::Cuda => Provider::Cuda {
+            device_id: args.device_id,
+        },
+        ProviderArg::Tensorrt => Provider::TensorRt(TensorRtOptions {
+            device_id: args.device_id,
+            cache_dir: args.trt_cache.clone(),
+            fp16: args.trt_fp16,
+            batch_profile: Some(args.trt_batch.unwrap_or([1, batch, batch])),
+        }),
+    })
+}
+
+/// Creates the output folder and proves it writable before any model work is done.
+fn prepare_out_dir(dir: &Path) -> Result<()> {
+    let not_writable = |e: std::io::Error| {
+        anyhow::anyhow!("{}: output folder is not writable: {e}", dir.display())
+    };
+    std::fs::create_dir_all(dir).map_err(not_writable)?;
+    let probe = dir.join(format!(".sagan-infer-probe{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(not_writable)?;
+    std::fs::remove_file(&probe).map_err(not_writable)
+}
+
+fn describe(g: &Generator, runtime: &Runtime) -> String {
+    let meta = g.metadata();
+    let origin = match (&meta.preset, meta.step) {
+        (Some(preset), Some(step)) => format!("sagan export '{preset}' at step {step}"),
+        (Some(preset), None) => format!("sagan export '{preset}'"),
+        _ if meta.is_sagan_export() => "sagan export".to_string(),
+        _ => "plain generator".to_string(),
+    };
+    let (h, w) = g.size();
+    let attention = match g.attention_sides() {
+        [] => String::new(),
+        sides => {
+            let maps: Vec<String> = sides.iter().map(|s| format!("{s}x{s}")).collect();
+            format!(", attention maps {}", maps.join(" "))
+        }
+    };
+    format!(
+        "{}: {origin}, z {}, image {}x{h}x{w}{attention}; provider {}; ONNX Runtime {}",
+        g.path().display(),
+        g.z_dim(),
+        g.channels(),
+        g.provider(),
+        runtime.library().display()
+    )
+}
+
+/// Warm-up (first runs allocate, and TensorRT builds its engine), then timed runs of one batch.
+fn bench(generator: &mut Generator, z: &[f32], batch: usize, args: &Args) -> Result<()> {
+    const WARMUP: usize = 3;
+    if args.bench_runs == 0 {
+        bail!("--bench-runs must be at least 1");
+    }
+    let z_dim = generator.z_dim();
+    // The plan may hold fewer latents than a batch; cycle them to fill it.
+    let z: Vec<f32> = z.iter().copied().cycle().take(batch * z_dim).collect();
+    for _ in 0..WARMUP {
+        generator.generate(&z, batch).context("warm-up run")?;
+    }
+    let mut samples = Vec::with_capacity(args.bench_runs);
+    for _ in 0..args.bench_runs {
+        let t = Instant::now();
+        generator.generate(&z, batch)?;
+        samples.push(t.elapsed());
+    }
+    let Some(s) = LatencySummary::new(&samples, batch) else {
+        bail!("no timed runs");
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let threads = args
+        .threads
+        .map_or("default".to_string(), |t| t.to_string());
+    println!(
+        "bench: {} on {}, {WARMUP} warm-up runs, threads {threads}",
+        generator.path().display(),
+        generator.provider()
+    );
+    println!(
+        "{:>6} {:>6} {:>9} {:>9} {:>9} {:>11}",
+        "batch", "runs", "p50 ms", "p90 ms", "p99 ms", "images/s"
+    );
+    println!(
+        "{:>6} {:>6} {:>9.3} {:>9.3} {:>9.3} {:>11.1}",
+        s.batch,
+        s.runs,
+        ms(s.p50),
+        ms(s.p90),
+        ms(s.p99),
+        s.images_per_s
+    );
+    Ok(())
+}

@@ -1,0 +1,728 @@
+//! A generator exported to ONNX, loaded into an ONNX Runtime session.
+//!
+//! The contract (what sagan-export writes): input `z` float32 `[batch, z_dim]`, output `image`
+//! float32 `[batch, C, H, W]` in [-1, 1], optional outputs `attention_<i>` float32
+//! `[batch, N, N]`, and `sagan.*` metadata. A plain generator (one float `[batch, z]` input, one
+//! 4-D output, no metadata) is accepted when its z size is known.
+
+use super::metadata::SaganMetadata;
+use super::runtime::Runtime;
+use super::{InferError, InferResult, INSTALL_GPU};
+use ort::ep::{self, ExecutionProviderDispatch};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionOutputs};
+use ort::value::{TensorElementType, TensorRef, ValueType};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Options of the TensorRT execution provider.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TensorRtOptions {
+    pub device_id: i32,
+    /// Where built engines (and the timing cache) are kept: building one takes seconds to
+    /// minutes, loading it milliseconds.
+    pub cache_dir: Option<PathBuf>,
+    pub fp16: bool,
+    /// Batch sizes (min, opt, max) of the optimisation profile; engines are built for this range.
+    pub batch_profile: Option<[usize; 3]>,
+}
+
+/// The execution provider a session must run on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Provider {
+    Cpu,
+    Cuda { device_id: i32 },
+    TensorRt(TensorRtOptions),
+}
+
+impl Provider {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda { .. } => "cuda",
+            Provider::TensorRt(_) => "tensorrt",
+        }
+    }
+
+    /// True for providers that only the GPU build of ONNX Runtime has.
+    pub fn needs_gpu_runtime(&self) -> bool {
+        !matches!(self, Provider::Cpu)
+    }
+
+    /// The providers to register, every one strict (`error_on_failure`): ort's default is to
+    /// log and quietly run on the CPU, which would make `--provider cuda` a lie.
+    fn dispatches(&self, signature: &Signature) -> InferResult<Vec<ExecutionProviderDispatch>> {
+        let (z_input, z_dim, fixed_batch) =
+            (&signature.z_input, signature.z_dim, signature.fixed_batch);
+        Ok(match self {
+            Provider::Cpu => Vec::new(),
+            Provider::Cuda { device_id } => vec![ep::CUDA::default()
+                .with_device_id(*device_id)
+                .build()
+                .error_on_failure()],
+            Provider::TensorRt(trt) => {
+                let mut provider = ep::TensorRT::default()
+                    .with_device_id(trt.device_id)
+                    .with_fp16(trt.fp16);
+                if let Some(dir) = &trt.cache_dir {
+                    std::fs::create_dir_all(dir).map_err(|e| InferError::Provider {
+                        provider: "tensorrt",
+                        msg: format!("cannot create engine cache {}: {e}", dir.display()),
+                        hint: String::new(),
+                    })?;
+                    let dir = dir.display().to_string();
+                    provider = provider
+                        .with_engine_cache(true)
+                        .with_engine_cache_path(&dir)
+                        .with_timing_cache(true)
+                        .with_timing_cache_path(&dir);
+                }
+                // A profile only makes sense for a symbolic batch dimension.
+                if let (Some([min, opt, max]), None) = (trt.batch_profile, fixed_batch) {
+                    let shape = |b: usize| format!("{z_input}:{b}x{z_dim}");
+                    provider = provider
+                        .with_profile_min_shapes(shape(min))
+                        .with_profile_opt_shapes(shape(opt))
+                        .with_profile_max_shapes(shape(max));
+                }
+                // CUDA runs whatever TensorRT does not take; both must work.
+                vec![
+                    provider.build().error_on_failure(),
+                    ep::CUDA::default()
+                        .with_device_id(trt.device_id)
+                        .build()
+                        .error_on_failure(),
+                ]
+            }
+        })
+    }
+}
+
+/// How to load a generator.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub provider: Provider,
+    /// Run on the CPU (with a warning) when `provider` cannot be used.
+    pub fallback_cpu: bool,
+    /// Intra-op threads; ONNX Runtime's default (one per core) when `None`.
+    pub threads: Option<usize>,
+    /// The z size, for plain generators whose files do not say.
+    pub z_dim: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            provider: Provider::Cpu,
+            fallback_cpu: false,
+            threads: None,
+            z_dim: None,
+        }
+    }
+}
+
+/// The outputs of one [`Generator::generate`] call.
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub n: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    /// `[n, channels, height, width]`, in [-1, 1].
+    pub images: Vec<f32>,
+    /// One per attention output of the model, in output order.
+    pub attention: Vec<AttentionMaps>,
+}
+
+/// One self-attention layer's maps: `[n, N, N]` with N = side², row = query position.
+#[derive(Clone, Debug)]
+pub struct AttentionMaps {
+    pub name: String,
+    pub side: usize,
+    pub maps: Vec<f32>,
+}
+
+/// A validated generator session.
+pub struct Generator {
+    path: PathBuf,
+    session: Session,
+    provider: &'static str,
+    metadata: SaganMetadata,
+    z_input: String,
+    image_output: String,
+    attention_outputs: Vec<String>,
+    z_dim: usize,
+    /// `Some(b)` when the file fixes the batch size: [`Generator::generate`] then runs in
+    /// batches of exactly `b`, padding the last one.
+    fixed_batch: Option<usize>,
+    /// (channels, height, width).
+    image_shape: [usize; 3],
+    attention_sides: Vec<usize>,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("path", &self.path)
+            .field("provider", &self.provider)
+            .field("z_dim", &self.z_dim)
+            .field("image_shape", &self.image_shape)
+            .field("attention_sides", &self.attention_sides)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the model's declared inputs and outputs say, before any run.
+struct Signature {
+    z_input: String,
+    z_dim: usize,
+    fixed_batch: Option<usize>,
+    image_output: String,
+    /// Declared (channels, height, width); `None` where symbolic and not in the metadata.
+    image_shape: [Option<usize>; 3],
+    attention_outputs: Vec<String>,
+    attention_n: Vec<Option<usize>>,
+}
+
+impl Generator {
+    /// Loads `path` on `options.provider`, validates it against the sagan export contract and,
+    /// when the file leaves a picture dimension open, finds it with one run on zeros.
+    pub fn load(runtime: &Runtime, path: &Path, options: &LoadOptions) -> InferResult<Self> {
+        let model_err = |msg: String| InferError::Model {
+            path: path.to_path_buf(),
+            msg,
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(model_err("not a file".into())),
+            Err(e) => return Err(model_err(format!("cannot read the model: {e}"))),
+        }
+
+        // The model is parsed and checked on the CPU first: errors about the file then read the
+        // same whatever the provider, and TensorRT's profile needs the z size up front.
+        let cpu = LoadOptions {
+            provider: Provider::Cpu,
+            ..options.clone()
+        };
+        let (cpu_session, metadata, signature) = {
+            let session = build_session(runtime, path, &cpu)?;
+            let metadata = read_metadata(&session).map_err(model_err)?;
+            let signature = inspect(&session, &metadata, options.z_dim).map_err(model_err)?;
+            (session, metadata, signature)
+        };
+
+        let (session, provider) = match &options.provider {
+            Provider::Cpu => (cpu_session, "cpu"),
+            provider => {
+                drop(cpu_session);
+                match build_provider_session(runtime, path, options, &signature) {
+                    Ok(session) => (session, provider.name()),
+                    Err(InferError::Provider { provider, msg, .. }) if options.fallback_cpu => {
+                        tracing::warn!(
+                            "{provider} execution provider unavailable ({msg}): running on the CPU (--fallback cpu)"
+                        );
+                        (build_session(runtime, path, &cpu)?, "cpu")
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+
+        let mut generator = Generator {
+            path: path.to_path_buf(),
+            session,
+            provider,
+            metadata,
+            z_input: signature.z_input,
+            image_output: signature.image_output,
+            attention_outputs: signature.attention_outputs,
+            z_dim: signature.z_dim,
+            fixed_batch: signature.fixed_batch,
+            image_shape: [0; 3],
+            attention_sides: Vec::new(),
+        };
+        let declared = signature.image_shape;
+        let mut attention_n = signature.attention_n;
+        if let ([Some(c), Some(h), Some(w)], true) =
+            (declared, attention_n.iter().all(Option::is_some))
+        {
+            generator.image_shape = [c, h, w];
+        } else {
+            let probe = generator.run_checked(&vec![0.0; generator.z_dim], 1)?;
+            let found = [probe.channels, probe.height, probe.width];
+            for (i, (d, f)) in declared.iter().zip(found).enumerate() {
+                if d.is_some_and(|d| d != f) {
+                    return Err(model_err(format!(
+                        "output '{}' declares dimension {} = {} but produced {f}",
+                        generator.image_output,
+                        i + 1,
+                        d.unwrap_or_default()
+                    )));
+                }
+            }
+            generator.image_shape = found;
+            for (n, maps) in attention_n.iter_mut().zip(&probe.attention) {
+                *n = Some(maps.side * maps.side);
+            }
+        }
+        generator.attention_sides = attention_n
+            .iter()
+            .zip(&generator.attention_outputs)
+            .map(|(n, name)| square_side(n.unwrap_or_default(), name).map_err(model_err))
+            .collect::<InferResult<_>>()?;
+        let [c, ..] = generator.image_shape;
+        if c != 1 && c != 3 {
+            return Err(model_err(format!(
+                "output '{}' has {c} channels; only 1 (greyscale) or 3 (RGB) can be written as PNG",
+                generator.image_output
+            )));
+        }
+        Ok(generator)
+    }
+
+    /// The model file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The provider the session actually runs on ("cpu" after a `--fallback cpu`).
+    pub fn provider(&self) -> &'static str {
+        self.provider
+    }
+
+    pub fn metadata(&self) -> &SaganMetadata {
+        &self.metadata
+    }
+
+    pub fn z_dim(&self) -> usize {
+        self.z_dim
+    }
+
+    pub fn channels(&self) -> usize {
+        self.image_shape[0]
+    }
+
+    /// (height, width) of the generated images.
+    pub fn size(&self) -> (usize, usize) {
+        (self.image_shape[1], self.image_shape[2])
+    }
+
+    /// Side of each attention output's square feature map, in output order.
+    pub fn attention_sides(&self) -> &[usize] {
+        &self.attention_sides
+    }
+
+    pub fn attention_outputs(&self) -> usize {
+        self.attention_outputs.len()
+    }
+
+    /// The batch size the file fixes, if it does.
+    pub fn fixed_batch(&self) -> Option<usize> {
+        self.fixed_batch
+    }
+
+    /// Runs `n` latents (`z` is `[n, z_dim]` row-major) and returns images and attention maps.
+    pub fn generate(&mut self, z: &[f32], n: usize) -> InferResult<Generated> {
+        if n == 0 || z.len() != n * self.z_dim {
+            return Err(InferError::Invalid(format!(
+                "generate: {} values are not {n} latents of size {}",
+                z.len(),
+                self.z_dim
+            )));
+        }
+        let Some(batch) = self.fixed_batch.filter(|&b| b != n) else {
+            return self.run_checked(z, n);
+        };
+        // A fixed batch size: run full batches, zero-pad the last, keep only real images.
+        let mut out: Option<Generated> = None;
+        for start in (0..n).step_by(batch) {
+            let real = batch.min(n - start);
+            let mut chunk = z[start * self.z_dim..(start + real) * self.z_dim].to_vec();
+            chunk.resize(batch * self.z_dim, 0.0);
+            let mut part = self.run_checked(&chunk, batch)?;
+            part.truncate(real);
+            match &mut out {
+                None => out = Some(part),
+                Some(all) => all.append(part),
+            }
+        }
+        out.ok_or_else(|| InferError::Invalid("generate: no latents".into()))
+    }
+
+    /// One session run on exactly `n` latents, with every output's shape checked.
+    fn run_checked(&mut self, z: &[f32], n: usize) -> InferResult<Generated> {
+        let run_err = |msg: String| InferError::Run {
+            path: self.path.clone(),
+            msg,
+        };
+        let tensor =
+            TensorRef::from_array_view(([n, self.z_dim], z)).map_err(|e| run_err(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.z_input.as_str() => tensor])
+            .map_err(|e| InferError::Run {
+                path: self.path.clone(),
+                msg: e.to_string(),
+            })?;
+        let (image_dims, images) = extract(&outputs, &self.image_output).map_err(&run_err)?;
+        let [c, h, w] = match image_dims.as_slice() {
+            &[b, c, h, w] if b == n => [c, h, w],
+            dims => {
+                return Err(run_err(format!(
+                    "output '{}' has shape {dims:?}, expected [{n}, C, H, W]",
+                    self.image_output
+                )))
+            }
+        };
+        if self.image_shape != [0; 3] && self.image_shape != [c, h, w] {
+            return Err(run_err(format!(
+                "output '{}' changed shape to {image_dims:?}",
+                self.image_output
+            )));
+        }
+        let mut attention = Vec::with_capacity(self.attention_outputs.len());
+        for name in &self.attention_outputs {
+            let (dims, maps) = extract(&outputs, name).map_err(&run_err)?;
+            let side = match dims.as_slice() {
+                &[b, q, k] if b == n && q == k => square_side(q, name).map_err(&run_err)?,
+                dims => {
+                    return Err(run_err(format!(
+                        "output '{name}' has shape {dims:?}, expected [{n}, N, N]"
+                    )))
+                }
+            };
+            attention.push(AttentionMaps {
+                name: name.clone(),
+                side,
+                maps,
+            });
+        }
+        Ok(Generated {
+            n,
+            channels: c,
+            height: h,
+            width: w,
+            images,
+            attention,
+        })
+    }
+}
+
+impl Generated {
+    /// Keeps the first `n` images (and their attention maps).
+    fn truncate(&mut self, n: usize) {
+        self.images
+            .truncate(n * self.channels * self.height * self.width);
+        for a in &mut self.attention {
+            a.maps.truncate(n * a.side.pow(4));
+        }
+        self.n = n;
+    }
+
+    /// Appends the images (and maps) of a later batch of the same model.
+    pub fn append(&mut self, other: Generated) {
+        self.images.extend(other.images);
+        for (a, b) in self.attention.iter_mut().zip(other.attention) {
+            a.maps.extend(b.maps);
+        }
+        self.n += other.n;
+    }
+}
+
+/// Copies output `name` out of the session's buffers, with its shape.
+fn extract(outputs: &SessionOutputs, name: &str) -> Result<(Vec<usize>, Vec<f32>), String> {
+    let value = outputs
+        .get(name)
+        .ok_or_else(|| format!("the model returned no output '{name}'"))?;
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| format!("output '{name}': {e}"))?;
+    let dims = shape.iter().map(|&d| d.max(0) as usize).collect();
+    Ok((dims, data.to_vec()))
+}
+
+fn square_side(n: usize, name: &str) -> Result<usize, String> {
+    let side = (n as f64).sqrt().round() as usize;
+    if side == 0 || side * side != n {
+        return Err(format!(
+            "output '{name}' has {n} positions per map, not a square feature map"
+        ));
+    }
+    Ok(side)
+}
+
+/// A CPU session (or the base of a provider session): threads and the model, nothing else.
+fn build_session(runtime: &Runtime, path: &Path, options: &LoadOptions) -> InferResult<Session> {
+    let setup = |msg: String| InferError::Environment {
+        path: runtime.library().to_path_buf(),
+        msg,
+    };
+    let mut builder = Session::builder(runtime.environment())
+        .map_err(|e| setup(e.to_string()))?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| setup(e.to_string()))?;
+    if let Some(threads) = options.threads {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(|e| setup(e.to_string()))?;
+    }
+    let dispatches = match &options.provider {
+        Provider::Cpu => Vec::new(),
+        // Only called for the CPU; provider sessions go through `build_provider_session`.
+        other => {
+            return Err(InferError::Invalid(format!(
+                "internal: build_session called for {}",
+                other.name()
+            )))
+        }
+    };
+    let mut builder = builder
+        .with_execution_providers(dispatches)
+        .map_err(|e| setup(e.to_string()))?;
+    builder
+        .commit_from_file(path)
+        .map_err(|e| model_load_error(path, &e.to_string()))
+}
+
+/// A session on a GPU provider. Every failure here (registration, or a commit that fails once
+/// the provider is in) is the provider's: the model already loaded on the CPU.
+fn build_provider_session(
+    runtime: &Runtime,
+    path: &Path,
+    options: &LoadOptions,
+    signature: &Signature,
+) -> InferResult<Session> {
+    let name = options.provider.name();
+    let provider_err = |msg: String| {
+        let lib = runtime.library().display();
+        let hint = if msg.contains("not enabled in this build") {
+            format!("; {lib} is a CPU-only ONNX Runtime: install the GPU one with {INSTALL_GPU}")
+        } else if msg.contains(".so") {
+            format!(
+                "; {lib} needs the CUDA 13 and cuDNN 9 libraries{} on the library path",
+                if name == "tensorrt" {
+                    " (and TensorRT 10, libnvinfer.so.10)"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            String::new()
+        };
+        InferError::Provider {
+            provider: name,
+            msg: msg.trim_end_matches(['.', ' ', '\n']).to_string(),
+            hint,
+        }
+    };
+    let dispatches = options.provider.dispatches(signature)?;
+    let mut builder =
+        Session::builder(runtime.environment()).map_err(|e| provider_err(e.to_string()))?;
+    if let Some(threads) = options.threads {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(|e| provider_err(e.to_string()))?;
+    }
+    let mut builder = builder
+        .with_execution_providers(dispatches)
+        .map_err(|e| provider_err(e.to_string()))?;
+    builder
+        .commit_from_file(path)
+        .map_err(|e| provider_err(e.to_string()))
+}
+
+/// Turns ONNX Runtime's load errors into what the user needs to know.
+fn model_load_error(path: &Path, msg: &str) -> InferError {
+    let msg = if msg.contains("Protobuf parsing failed") || msg.contains("INVALID_PROTOBUF") {
+        "not an ONNX model (the file does not parse as an ONNX protobuf)".to_string()
+    } else {
+        format!("ONNX Runtime cannot load it: {msg}")
+    };
+    InferError::Model {
+        path: path.to_path_buf(),
+        msg,
+    }
+}
+
+fn read_metadata(session: &Session) -> Result<SaganMetadata, String> {
+    let meta = session
+        .metadata()
+        .map_err(|e| format!("cannot read metadata: {e}"))?;
+    let keys = meta
+        .custom_keys()
+        .map_err(|e| format!("cannot read metadata: {e}"))?;
+    let props: BTreeMap<String, String> = keys
+        .into_iter()
+        .filter_map(|k| meta.custom(&k).map(|v| (k, v)))
+        .collect();
+    SaganMetadata::parse(&props)
+}
+
+/// A declared tensor: element type and shape with `None` for symbolic dimensions.
+fn tensor_decl(ty: &ValueType) -> Option<(TensorElementType, Vec<Option<usize>>)> {
+    match ty {
+        ValueType::Tensor { ty, shape, .. } => Some((
+            *ty,
+            shape
+                .iter()
+                .map(|&d| usize::try_from(d).ok().filter(|&d| d > 0))
+                .collect(),
+        )),
+        _ => None,
+    }
+}
+
+fn show_dims(dims: &[Option<usize>]) -> String {
+    let parts: Vec<String> = dims
+        .iter()
+        .map(|d| d.map_or("?".to_string(), |d| d.to_string()))
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// Checks the session's inputs and outputs against the contract and resolves the z size.
+fn inspect(
+    session: &Session,
+    meta: &SaganMetadata,
+    z_override: Option<usize>,
+) -> Result<Signature, String> {
+    let not_sagan = if meta.is_sagan_export() {
+        ""
+    } else {
+        " (no 'sagan.*' metadata: not a sagan export)"
+    };
+
+    // Inputs: exactly one, float [batch, z]. A class-conditional export will add an int64
+    // `class` [batch] input here.
+    let inputs = session.inputs();
+    let z = match inputs {
+        [only] => only,
+        _ => {
+            let names: Vec<String> = inputs
+                .iter()
+                .map(|i| format!("'{}' {:?}", i.name(), i.dtype()))
+                .collect();
+            return Err(format!(
+                "expected one input 'z' [batch, z_dim], found {}: {}{not_sagan}",
+                inputs.len(),
+                names.join(", ")
+            ));
+        }
+    };
+    let z_name = z.name().to_string();
+    let (z_ty, z_dims) = tensor_decl(z.dtype())
+        .ok_or_else(|| format!("input '{z_name}' is not a tensor{not_sagan}"))?;
+    if z_ty != TensorElementType::Float32 || z_dims.len() != 2 {
+        return Err(format!(
+            "input '{z_name}' is {z_ty:?} {}, expected float32 [batch, z_dim]{not_sagan}",
+            show_dims(&z_dims)
+        ));
+    }
+    let known = [
+        ("metadata 'sagan.z_dim'", meta.z_dim),
+        ("input shape", z_dims[1]),
+    ];
+    let mut z_dim = z_override;
+    for (source, value) in known {
+        if let Some(v) = value {
+            match z_dim {
+                Some(d) if d != v => {
+                    let first = if z_override.is_some() {
+                        "--z-dim"
+                    } else {
+                        "metadata 'sagan.z_dim'"
+                    };
+                    return Err(format!("{first} is {d} but the {source} says {v}"));
+                }
+                _ => z_dim = Some(v),
+            }
+        }
+    }
+    let z_dim = z_dim.ok_or_else(|| {
+        format!(
+            "no 'sagan.z_dim' metadata and input '{z_name}' has no static z dimension: pass --z-dim"
+        )
+    })?;
+
+    // Outputs: `image` (or the only output of a plain model), plus `attention_<i>`.
+    let outputs = session.outputs();
+    let image = outputs
+        .iter()
+        .find(|o| o.name() == "image")
+        .or(match outputs {
+            [only] => Some(only),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            let names: Vec<&str> = outputs.iter().map(|o| o.name()).collect();
+            format!(
+                "no output 'image' (outputs: {}){not_sagan}",
+                names.join(", ")
+            )
+        })?;
+    let image_name = image.name().to_string();
+    let image_dims = match tensor_decl(image.dtype()) {
+        Some((TensorElementType::Float32, dims)) if dims.len() == 4 => dims,
+        Some((ty, dims)) => {
+            return Err(format!(
+                "output '{image_name}' is {ty:?} {}, expected float32 [batch, C, H, W]: not an image generator{not_sagan}",
+                show_dims(&dims)
+            ))
+        }
+        None => return Err(format!("output '{image_name}' is not a tensor{not_sagan}")),
+    };
+    let from_meta = [meta.channels, meta.image_size, meta.image_size];
+    let mut image_shape = [None; 3];
+    for (i, slot) in image_shape.iter_mut().enumerate() {
+        *slot = match (image_dims[i + 1], from_meta[i]) {
+            (Some(d), Some(m)) if d != m => {
+                return Err(format!(
+                    "output '{image_name}' has shape {} but the metadata says {} channels, size {}",
+                    show_dims(&image_dims),
+                    meta.channels.unwrap_or_default(),
+                    meta.image_size.unwrap_or_default()
+                ))
+            }
+            (d, m) => d.or(m),
+        };
+    }
+
+    let mut attention: Vec<(usize, String, Option<usize>)> = Vec::new();
+    for output in outputs {
+        let Some(index) = output
+            .name()
+            .strip_prefix("attention_")
+            .and_then(|i| i.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        match tensor_decl(output.dtype()) {
+            Some((TensorElementType::Float32, dims)) if dims.len() == 3 => {
+                attention.push((index, output.name().to_string(), dims[1].or(dims[2])))
+            }
+            _ => {
+                return Err(format!(
+                    "output '{}' is not float32 [batch, N, N]",
+                    output.name()
+                ))
+            }
+        }
+    }
+    attention.sort();
+    if let Some(declared) = meta.attention_outputs.filter(|&d| d != attention.len()) {
+        tracing::warn!(
+            "metadata 'sagan.attention_outputs' says {declared} but the model has {}",
+            attention.len()
+        );
+    }
+
+    Ok(Signature {
+        z_input: z_name,
+        z_dim,
+        fixed_batch: z_dims[0],
+        image_output: image_name,
+        image_shape,
+        attention_outputs: attention.iter().map(|a| a.1.clone()).collect(),
+        attention_n: attention.iter().map(|a| a.2).collect(),
+    })
+}
