@@ -23,9 +23,17 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    #[cfg(feature = "train")]
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    /// A failure inside candle's tensor code. Kept as text so that this type holds no candle
+    /// value: sagan-infer, built on the same library, must link no candle code at all.
+    #[error("tensor computation failed: {0}")]
+    Compute(String),
+}
+
+#[cfg(feature = "train")]
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Compute(e.to_string())
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod fsutil;
 pub mod image_io;
+pub mod rng;
 
 #[cfg(feature = "train")]
 pub mod checkpoint;
@@ -19,8 +20,6 @@ pub mod export;
 pub mod infer;
 #[cfg(feature = "train")]
 pub mod model;
-#[cfg(feature = "train")]
-pub mod rng;
 #[cfg(feature = "train")]
 pub mod train;
 

@@ -2,30 +2,24 @@
 //! `sagan-infer --seed S` reproduces the training run's grid for seed S.
 
 use super::{InferError, InferResult};
-use rand::{Rng, SeedableRng};
+use crate::rng::{normal_vec, stream, streams};
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
-
-/// The ChaCha stream sagan-train uses for the fixed z of its sample grids (`rng::streams::FIXED_Z`).
-const FIXED_Z_STREAM: u64 = 3;
 
 /// Smallest accepted truncation: below it, resampling needs ~1/(0.8 T) draws per value and
 /// every z is ~0 anyway.
 pub const MIN_TRUNCATION: f32 = 1e-3;
 
+/// The stream sagan-train draws the fixed z of its sample grids from.
 fn z_stream(seed: u64) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(FIXED_Z_STREAM);
-    rng
+    stream(seed, streams::FIXED_Z)
 }
 
 /// `n` standard normal latents of `z_dim` values, row-major `[n, z_dim]`, from seed `seed`:
 /// bit-identical to sagan-train's fixed sample z for the same seed.
 pub fn latents(seed: u64, n: usize, z_dim: usize) -> Vec<f32> {
-    let mut rng = z_stream(seed);
-    (0..n * z_dim)
-        .map(|_| rng.sample::<f32, _>(StandardNormal))
-        .collect()
+    normal_vec(&mut z_stream(seed), n * z_dim)
 }
 
 /// The truncation trick: like [`latents`], but every value with |z| > `truncation` is redrawn
