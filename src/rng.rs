@@ -149,6 +149,8 @@ mod seeded_init {
 #[cfg(all(test, feature = "train"))]
 mod tests {
     use super::*;
+    use candle_core::Device;
+    use candle_nn::{Init, VarMap};
 
     fn init_once(seed: u64) -> Vec<f32> {
         let varmap = VarMap::new();

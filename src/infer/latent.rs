@@ -127,7 +127,7 @@ mod tests {
     #[test]
     fn latents_match_sagan_train_stream() {
         // Same recipe as sagan-train's rng::stream(seed, FIXED_Z) + normal_vec.
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut rng = <ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
         rng.set_stream(3);
         let expected: Vec<f32> = (0..24).map(|_| rng.sample(StandardNormal)).collect();
         assert_eq!(latents(0, 3, 8), expected);

@@ -268,27 +268,50 @@ impl Trainer {
     /// One generator step, preceded by `n_dis` discriminator steps.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let mut stats = StepStats::default();
-        let b = self.cfg.batch_size;
+        let n = self.cfg.n_dis as f32;
         for j in 0..self.cfg.n_dis {
-            let k = self.step * self.cfg.n_dis + j;
-            let real = self.real_batch(k)?;
-            // The fake batch is detached: the D step must not reach G's weights.
-            let fake = self
-                .generator
-                .forward_t(&self.latents(2 * k as u64)?, true)?
-                .detach();
-            // Real and fake in one batch: one spectral-norm power iteration per D step.
-            let logits = self
-                .discriminator
-                .forward_t(&Tensor::cat(&[&real, &fake], 0)?, true)?;
-            let (d_real, d_fake) = (logits.narrow(0, 0, b)?, logits.narrow(0, b, b)?);
-            let d_loss = loss::discriminator_loss(self.cfg.loss, &d_real, &d_fake)?;
-            self.opt_d.step(&d_loss.backward()?)?;
-            let n = self.cfg.n_dis as f32;
-            stats.d_loss += d_loss.to_scalar::<f32>()? / n;
-            stats.d_real += d_real.mean_all()?.to_scalar::<f32>()? / n;
-            stats.d_fake += d_fake.mean_all()?.to_scalar::<f32>()? / n;
+            let d = self.discriminator_step(self.step * self.cfg.n_dis + j)?;
+            stats.d_loss += d.d_loss / n;
+            stats.d_real += d.d_real / n;
+            stats.d_fake += d.d_fake / n;
         }
+        stats.g_loss = self.generator_step()?;
+        self.step += 1;
+        if !(stats.d_loss.is_finite() && stats.g_loss.is_finite()) {
+            return Err(Error::Config(format!(
+                "training diverged at step {} (d_loss {}, g_loss {}); the last checkpoint is intact: try lower learning rates",
+                self.step, stats.d_loss, stats.g_loss
+            )));
+        }
+        Ok(stats)
+    }
+
+    /// The `k`-th discriminator step (g_loss of the result is 0).
+    fn discriminator_step(&mut self, k: usize) -> Result<StepStats> {
+        let b = self.cfg.batch_size;
+        let real = self.real_batch(k)?;
+        // The fake batch is detached: the D step must not reach G's weights.
+        let fake = self
+            .generator
+            .forward_t(&self.latents(2 * k as u64)?, true)?
+            .detach();
+        // Real and fake in one batch: one spectral-norm power iteration per D step.
+        let logits = self
+            .discriminator
+            .forward_t(&Tensor::cat(&[&real, &fake], 0)?, true)?;
+        let (d_real, d_fake) = (logits.narrow(0, 0, b)?, logits.narrow(0, b, b)?);
+        let d_loss = loss::discriminator_loss(self.cfg.loss, &d_real, &d_fake)?;
+        self.opt_d.step(&d_loss.backward()?)?;
+        Ok(StepStats {
+            d_loss: d_loss.to_scalar::<f32>()?,
+            g_loss: 0.0,
+            d_real: d_real.mean_all()?.to_scalar::<f32>()?,
+            d_fake: d_fake.mean_all()?.to_scalar::<f32>()?,
+        })
+    }
+
+    /// One generator step; returns its loss.
+    fn generator_step(&mut self) -> Result<f32> {
         let z = self.latents(2 * self.step as u64 + 1)?;
         // D in evaluation mode: its spectral-norm vectors stay put, so the G step changes
         // nothing of D; the gradients D's weights receive here are discarded.
@@ -301,15 +324,7 @@ impl Trainer {
             let trained: HashSet<&str> = self.opt_g.trained().collect();
             ema.update(&self.g_vars, &trained, self.step + 1)?;
         }
-        stats.g_loss = g_loss.to_scalar::<f32>()?;
-        self.step += 1;
-        if !(stats.d_loss.is_finite() && stats.g_loss.is_finite()) {
-            return Err(Error::Config(format!(
-                "training diverged at step {} (d_loss {}, g_loss {}); the last checkpoint is intact: try lower learning rates",
-                self.step, stats.d_loss, stats.g_loss
-            )));
-        }
-        Ok(stats)
+        Ok(g_loss.to_scalar::<f32>()?)
     }
 
     /// The generator samples are drawn from: the EMA one when there is one.
@@ -496,4 +511,70 @@ fn progress_bar(total: usize, done: usize, visible: bool) -> indicatif::Progress
         bar.set_style(style);
     }
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::DataSource;
+
+    fn snapshot(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
+        checkpoint::varmap_tensors(varmap)
+            .into_iter()
+            .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect()
+    }
+
+    fn trainer() -> Trainer {
+        let model = ModelConfig::resolve("sagan-mnist28").unwrap();
+        let cfg = TrainConfig {
+            batch_size: 4,
+            ..TrainConfig::default()
+        };
+        let data = Dataset::load(&DataSource::Builtin, 1, 28).unwrap();
+        let dir = std::env::temp_dir().join(format!("sagan-unit-{}", std::process::id()));
+        Trainer::new(model, cfg, data, RunDir::new(dir), Device::Cpu).unwrap()
+    }
+
+    /// Buffers (batch-norm statistics, spectral-norm vectors) may move in a forward pass; the
+    /// trained weights are what a step of the other network must leave alone.
+    fn trained_weights(
+        all: Vec<(String, Vec<f32>)>,
+        trained: &HashSet<String>,
+    ) -> Vec<(String, Vec<f32>)> {
+        all.into_iter()
+            .filter(|(name, _)| trained.contains(name))
+            .collect()
+    }
+
+    #[test]
+    fn the_d_step_leaves_g_weights_and_the_g_step_leaves_all_of_d() {
+        let mut t = trainer();
+        t.train_step().unwrap();
+        let g_trained: HashSet<String> = t.opt_g.trained().map(String::from).collect();
+        assert!(
+            g_trained.contains("layers.0.conv.weight")
+                && !g_trained.contains("layers.0.bn.running_mean")
+        );
+
+        let g_before = trained_weights(snapshot(&t.g_vars), &g_trained);
+        let d_before = snapshot(&t.d_vars);
+        t.discriminator_step(1).unwrap();
+        assert_eq!(
+            trained_weights(snapshot(&t.g_vars), &g_trained),
+            g_before,
+            "the D step changed G"
+        );
+        assert_ne!(snapshot(&t.d_vars), d_before, "the D step did not train D");
+
+        let d_before = snapshot(&t.d_vars);
+        let g_before = snapshot(&t.g_vars);
+        t.generator_step().unwrap();
+        assert_eq!(
+            snapshot(&t.d_vars),
+            d_before,
+            "the G step changed D (weights or SN vectors)"
+        );
+        assert_ne!(snapshot(&t.g_vars), g_before, "the G step did not train G");
+    }
 }
