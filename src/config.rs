@@ -28,36 +28,28 @@ pub enum Activation {
     Tanh,
 }
 
+/// A spectrally normalised (transposed) convolution, optionally followed by batch norm, then `act`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvConfig {
+    pub out: usize,
+    pub kernel: usize,
+    #[serde(default = "one")]
+    pub stride: usize,
+    #[serde(default)]
+    pub padding: usize,
+    #[serde(default)]
+    pub batch_norm: bool,
+    #[serde(default = "no_activation")]
+    pub act: Activation,
+}
+
 /// One layer of a generator or discriminator, in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum LayerConfig {
-    /// Spectrally normalised convolution, optionally followed by batch norm, then `act`.
-    Conv {
-        out: usize,
-        kernel: usize,
-        #[serde(default = "one")]
-        stride: usize,
-        #[serde(default)]
-        padding: usize,
-        #[serde(default)]
-        batch_norm: bool,
-        #[serde(default = "no_activation")]
-        act: Activation,
-    },
-    /// Spectrally normalised transposed convolution, optionally followed by batch norm, then `act`.
-    ConvTranspose {
-        out: usize,
-        kernel: usize,
-        #[serde(default = "one")]
-        stride: usize,
-        #[serde(default)]
-        padding: usize,
-        #[serde(default)]
-        batch_norm: bool,
-        #[serde(default = "no_activation")]
-        act: Activation,
-    },
+    Conv(ConvConfig),
+    ConvTranspose(ConvConfig),
     /// SAGAN self-attention block; keeps the shape.
     Attention,
 }
@@ -104,13 +96,13 @@ impl LayerConfig {
         (c, h, w): FeatureShape,
     ) -> std::result::Result<FeatureShape, String> {
         match *self {
-            LayerConfig::Conv {
+            LayerConfig::Conv(ConvConfig {
                 out,
                 kernel,
                 stride,
                 padding,
                 ..
-            } => {
+            }) => {
                 if stride == 0 || h + 2 * padding < kernel || w + 2 * padding < kernel {
                     return Err(format!(
                         "conv k{kernel} s{stride} p{padding} cannot take {h}x{w}"
@@ -122,13 +114,13 @@ impl LayerConfig {
                     (w + 2 * padding - kernel) / stride + 1,
                 ))
             }
-            LayerConfig::ConvTranspose {
+            LayerConfig::ConvTranspose(ConvConfig {
                 out,
                 kernel,
                 stride,
                 padding,
                 ..
-            } => {
+            }) => {
                 let size = |s: usize| ((s - 1) * stride + kernel).checked_sub(2 * padding);
                 match (stride, size(h), size(w)) {
                     (1.., Some(oh @ 1..), Some(ow @ 1..)) => Ok((out, oh, ow)),
@@ -363,6 +355,13 @@ mod tests {
             .replace("image_size = 28", "image_size = 32");
         let err = ModelConfig::from_toml(&text).unwrap_err().to_string();
         assert!(err.contains("generator produces"), "{err}");
+    }
+
+    #[test]
+    fn a_misspelt_layer_field_is_rejected() {
+        let text = BUILTIN_PRESETS[0].1.replacen("kernel = 7", "kernal = 7", 1);
+        let err = ModelConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("kernal"), "{err}");
     }
 
     #[test]

@@ -4,11 +4,9 @@ use assert_cmd::Command;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-fn bin(name: &str) -> Command {
-    let mut cmd = Command::cargo_bin(name).unwrap();
-    cmd.env("RUST_LOG", "warn");
-    cmd
-}
+mod common;
+
+use common::bin;
 
 /// Trains `preset` for one step and returns the run directory.
 fn tiny_run(dir: &Path, preset: &str) -> PathBuf {

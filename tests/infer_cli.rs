@@ -5,30 +5,16 @@
 //! that CPU-only runtime (as in CI).
 #![cfg(feature = "infer")]
 
+mod common;
+
+use common::{manifest_dir, ort_lib};
+
 use assert_cmd::Command;
 use sagan::infer::{Generator, LibrarySearch, LoadOptions, Runtime};
 use std::path::{Path, PathBuf};
 
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn fixture(name: &str) -> PathBuf {
     manifest_dir().join("fixtures/onnx").join(name)
-}
-
-/// The runtime the tests load, named explicitly so no other install on the machine is picked.
-fn ort_lib() -> PathBuf {
-    let path = std::env::var_os("ORT_DYLIB_PATH")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join(".onnxruntime/cpu/lib/libonnxruntime.so"));
-    assert!(
-        path.exists(),
-        "ONNX Runtime not found at {}: run tools/install-onnxruntime.sh cpu (or set ORT_DYLIB_PATH)",
-        path.display()
-    );
-    path
 }
 
 fn infer(dir: &Path) -> Command {

@@ -2,32 +2,19 @@
 //! and binary) on sagan-export's files, compared with candle's generator in evaluation mode.
 #![cfg(all(feature = "train", feature = "infer"))]
 
+mod common;
+
+use common::ort_lib;
+
 use assert_cmd::Command;
 use sagan::checkpoint;
 use sagan::infer::runtime::{LibrarySearch, Runtime};
 use sagan::infer::{Generator as OrtGenerator, LoadOptions};
-use std::path::{Path, PathBuf};
-
-fn manifest_dir() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ort_lib() -> PathBuf {
-    let path = std::env::var_os("ORT_DYLIB_PATH")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join(".onnxruntime/cpu/lib/libonnxruntime.so"));
-    assert!(
-        path.exists(),
-        "ONNX Runtime not found at {}: run tools/install-onnxruntime.sh cpu",
-        path.display()
-    );
-    path
-}
+use std::path::Path;
 
 fn bin(name: &str) -> Command {
-    let mut cmd = Command::cargo_bin(name).unwrap();
-    cmd.env("RUST_LOG", "warn").env("ORT_DYLIB_PATH", ort_lib());
+    let mut cmd = common::bin(name);
+    cmd.env("ORT_DYLIB_PATH", ort_lib());
     cmd
 }
 

@@ -121,7 +121,7 @@ impl From<LossArg> for LossKind {
 
 const DEFAULT_PRESET: &str = "sagan-mnist28";
 /// Enough for recognisable digits from the built-in subset in about ten minutes on two cores.
-const DEFAULT_STEPS: usize = 800;
+const DEFAULT_STEPS: usize = 600;
 
 fn preset_value(value: &str) -> std::result::Result<String, String> {
     if value.ends_with(".toml") || preset_names().contains(&value) {

@@ -12,7 +12,7 @@ pub use discriminator::Discriminator;
 pub use generator::Generator;
 pub use spectral_norm::{ConvKind, SNConv2d, SNLinear, SpectralNorm};
 
-use crate::config::{Activation, FeatureShape, LayerConfig, NetConfig};
+use crate::config::{Activation, ConvConfig, FeatureShape, LayerConfig, NetConfig};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, VarBuilder};
 
@@ -54,26 +54,19 @@ impl LayerStack {
         for (i, layer_cfg) in cfg.layers.iter().enumerate() {
             let vb = vb.pp(i.to_string());
             let layer = match *layer_cfg {
-                LayerConfig::Conv {
-                    out,
-                    kernel,
-                    stride,
-                    padding,
-                    batch_norm,
-                    act,
-                }
-                | LayerConfig::ConvTranspose {
-                    out,
-                    kernel,
-                    stride,
-                    padding,
-                    batch_norm,
-                    act,
-                } => {
+                LayerConfig::Conv(conv) | LayerConfig::ConvTranspose(conv) => {
                     let kind = match layer_cfg {
-                        LayerConfig::Conv { .. } => ConvKind::Conv,
+                        LayerConfig::Conv(_) => ConvKind::Conv,
                         _ => ConvKind::Transpose,
                     };
+                    let ConvConfig {
+                        out,
+                        kernel,
+                        stride,
+                        padding,
+                        batch_norm,
+                        act,
+                    } = conv;
                     let conv =
                         SNConv2d::new(vb.pp("conv"), kind, channels, out, kernel, stride, padding)?;
                     let batch_norm = match batch_norm {

@@ -1,0 +1,30 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test crate uses a different subset
+
+use std::path::{Path, PathBuf};
+
+pub fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The ONNX Runtime the tests load, named explicitly so no other install on the machine is
+/// picked: `ORT_DYLIB_PATH`, else the CPU install of tools/install-onnxruntime.sh.
+pub fn ort_lib() -> PathBuf {
+    let path = std::env::var_os("ORT_DYLIB_PATH")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest_dir().join(".onnxruntime/cpu/lib/libonnxruntime.so"));
+    assert!(
+        path.exists(),
+        "ONNX Runtime not found at {}: run tools/install-onnxruntime.sh cpu (or set ORT_DYLIB_PATH)",
+        path.display()
+    );
+    path
+}
+
+/// A project binary with logs quietened.
+pub fn bin(name: &str) -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin(name).unwrap();
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
