@@ -14,6 +14,8 @@ pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "train")]
 pub mod data;
+#[cfg(feature = "infer")]
+pub mod eval;
 #[cfg(feature = "train")]
 pub mod export;
 #[cfg(feature = "infer")]

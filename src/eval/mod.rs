@@ -1,0 +1,209 @@
+//! Sample quality: the Frechet distance between the feature statistics of real and generated
+//! images (FID when the features are Inception-v3's) and the Inception-style score of the
+//! generated images' class predictions.
+//!
+//! - [`features`] loads the feature network (ONNX, on the same runtime and providers as the
+//!   generators) and converts images to its input shape and range.
+//! - [`frechet`] accumulates mean and covariance and computes the Frechet distance.
+//! - [`score`] computes the Inception score from logits.
+//! - [`cache`] keeps the real images' statistics between runs.
+//!
+//! Nothing here cares where the real images come from: [`summarise`] asks a closure for them
+//! batch by batch (sagan-eval feeds it from sagan's data loader).
+//!
+//! # Feature networks
+//!
+//! sagan ships `fixtures/mnist-classifier.onnx` (a small MNIST MLP, 128-d features, 10 logits;
+//! see `fixtures/mnist-classifier.md`) for 1x28x28 digits. Its numbers are only comparable with
+//! other numbers from the same network. For anything else, or for FIDs comparable with the
+//! literature's, export an Inception-v3 to ONNX. With torchvision (the ImageNet weights'
+//! `transform_input` step is what maps [-1, 1] to the range the ported Google weights expect,
+//! so sagan's [-1, 1] images can go in directly once it is switched off):
+//!
+//! ```python
+//! import onnx, torch, torchvision
+//!
+//! class InceptionFeatures(torch.nn.Module):
+//!     def __init__(self):
+//!         super().__init__()
+//!         net = torchvision.models.inception_v3(weights="IMAGENET1K_V1").eval()
+//!         net.transform_input = False  # inputs are already in [-1, 1]
+//!         self.fc, net.fc = net.fc, torch.nn.Identity()
+//!         self.net = net
+//!
+//!     def forward(self, image):  # [batch, 3, 299, 299] in [-1, 1]
+//!         features = self.net(image)  # pool3: [batch, 2048]
+//!         return features, self.fc(features)  # logits: [batch, 1000]
+//!
+//! torch.onnx.export(
+//!     InceptionFeatures().eval(), torch.zeros(1, 3, 299, 299), "inception-v3.onnx",
+//!     input_names=["image"], output_names=["features", "logits"],
+//!     dynamic_axes={n: {0: "batch"} for n in ("image", "features", "logits")},
+//!     opset_version=17, dynamo=False)
+//! model = onnx.load("inception-v3.onnx")
+//! onnx.helper.set_model_props(model, {"sagan.feature_net": "torchvision-inception-v3",
+//!                                     "sagan.input_range": "-1,1"})
+//! onnx.save(model, "inception-v3.onnx")
+//! ```
+//!
+//! then `sagan-eval --model g.onnx --data DIR --feature-net inception-v3.onnx`: images are
+//! resized to 299x299 (bilinear; `--resize nearest`) and grey ones replicated to RGB. A network
+//! that wants another input range (ImageNet mean/std, [0, 1], ...) either does that scaling in
+//! its graph or declares `sagan.input_range` = "lo,hi" for the linear map from [-1, 1].
+//! Other output names are chosen with `--features-output` / `--logits-output`; a
+//! `[batch, D, 1, 1]` output (pytorch-fid's `InceptionV3`, whose TF-ported weights give the FID
+//! papers report, returns pool3 that way) is flattened. A network without logits gives no
+//! Inception score.
+
+pub mod cache;
+pub mod features;
+pub mod frechet;
+pub mod score;
+
+pub use features::{FeatureNet, FeatureNetOptions, Features, Resize};
+pub use frechet::{frechet_distance, Statistics, StatsAccumulator};
+pub use score::{inception_score, InceptionScore};
+
+use crate::image_io::ImageBatch;
+use crate::infer::{latents, Generator, InferError, InferResult};
+use std::ops::Range;
+
+/// How many generated images, in which batches, from which latent seed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EvalOptions {
+    pub count: usize,
+    pub batch: usize,
+    pub seed: u64,
+    /// Parts the Inception score is averaged over (the reference uses 10).
+    pub splits: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            count: 10_000,
+            batch: 100,
+            seed: 0,
+            splits: 10,
+        }
+    }
+}
+
+/// What the feature network made of a set of images.
+#[derive(Clone, Debug)]
+pub struct FeatureSummary {
+    pub stats: Statistics,
+    /// `[n, classes]` row-major, when the network has logits.
+    pub logits: Option<Vec<f32>>,
+    pub classes: usize,
+}
+
+impl FeatureSummary {
+    /// The Inception score of the images, when the network has logits.
+    pub fn inception_score(&self, splits: usize) -> InferResult<Option<InceptionScore>> {
+        self.logits
+            .as_ref()
+            .map(|logits| inception_score(logits, self.classes, splits))
+            .transpose()
+    }
+}
+
+/// The result of an evaluation.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EvalReport {
+    /// Images evaluated.
+    pub n: usize,
+    /// Real images the reference statistics were computed from.
+    pub n_real: usize,
+    pub fid: f64,
+    /// Inception score (mean and standard deviation over the splits); `None` without logits.
+    pub is_mean: Option<f64>,
+    pub is_std: Option<f64>,
+}
+
+impl EvalReport {
+    /// Compares `images` with the real statistics.
+    pub fn new(real: &Statistics, images: &FeatureSummary, splits: usize) -> InferResult<Self> {
+        let score = images.inception_score(splits)?;
+        Ok(Self {
+            n: images.stats.n,
+            n_real: real.n,
+            fid: frechet_distance(real, &images.stats)?,
+            is_mean: score.map(|s| s.mean),
+            is_std: score.map(|s| s.std),
+        })
+    }
+}
+
+/// Runs `count` images through `net`, `batch` at a time, and summarises the features.
+///
+/// `fill(range, out)` appends images `range` (NCHW f32 in [-1, 1], `shape` = (C, H, W) each)
+/// to `out`; they can come from a dataset, a file or a generator.
+pub fn summarise(
+    net: &mut FeatureNet,
+    count: usize,
+    batch: usize,
+    [c, h, w]: [usize; 3],
+    mut fill: impl FnMut(Range<usize>, &mut Vec<f32>) -> InferResult<()>,
+) -> InferResult<FeatureSummary> {
+    if count < 2 || batch == 0 {
+        return Err(InferError::Invalid(format!(
+            "evaluation needs at least 2 images and a batch size of at least 1 (got {count} images, batch {batch})"
+        )));
+    }
+    let mut acc: Option<StatsAccumulator> = None;
+    let mut logits: Option<Vec<f32>> = None;
+    let mut classes = 0;
+    let mut images = Vec::new();
+    for start in (0..count).step_by(batch) {
+        let range = start..count.min(start + batch);
+        let k = range.len();
+        images.clear();
+        fill(range, &mut images)?;
+        let view = ImageBatch::new(&images, k, c, h, w)
+            .map_err(|e| InferError::Invalid(format!("images {start}..{}: {e}", start + k)))?;
+        let out = net.run(&view)?;
+        let acc = acc.get_or_insert_with(|| StatsAccumulator::new(out.dim));
+        acc.add(&out.features)?;
+        if let Some(batch_logits) = out.logits {
+            classes = out.classes;
+            logits.get_or_insert_with(Vec::new).extend(batch_logits);
+        }
+    }
+    let acc = acc.ok_or_else(|| InferError::Invalid("no images were evaluated".into()))?;
+    Ok(FeatureSummary {
+        stats: acc.finish()?,
+        logits,
+        classes,
+    })
+}
+
+/// Summarises `options.count` images of `generator`, drawn from the latents of
+/// `options.seed` (the same ones `sagan-infer --seed` uses).
+pub fn summarise_generator(
+    generator: &mut Generator,
+    net: &mut FeatureNet,
+    options: &EvalOptions,
+) -> InferResult<FeatureSummary> {
+    let z_dim = generator.z_dim();
+    let z = latents(options.seed, options.count, z_dim);
+    let (h, w) = generator.size();
+    let shape = [generator.channels(), h, w];
+    summarise(net, options.count, options.batch, shape, |range, out| {
+        let generated =
+            generator.generate(&z[range.start * z_dim..range.end * z_dim], range.len())?;
+        out.extend(generated.images);
+        Ok(())
+    })
+}
+
+/// FID of `generator` against the real statistics, and its Inception score.
+pub fn evaluate(
+    generator: &mut Generator,
+    net: &mut FeatureNet,
+    real: &Statistics,
+    options: &EvalOptions,
+) -> InferResult<EvalReport> {
+    let generated = summarise_generator(generator, net, options)?;
+    EvalReport::new(real, &generated, options.splits)
+}
