@@ -112,6 +112,9 @@ impl Metadata {
     }
 }
 
+/// One file of a checkpoint: its metadata and its named tensors.
+pub type CheckpointFile = (Metadata, Vec<(String, Tensor)>);
+
 /// All variables of `varmap`, sorted by name.
 pub fn varmap_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
@@ -234,6 +237,11 @@ impl RunDir {
         self.root.join("curves.png")
     }
 
+    /// The checkpoint with the best FID so far (when training evaluates).
+    pub fn best_dir(&self) -> PathBuf {
+        self.checkpoints().join("best")
+    }
+
     pub fn step_dir(&self, step: usize) -> PathBuf {
         self.checkpoints().join(format!("step-{step:08}"))
     }
@@ -266,17 +274,41 @@ impl RunDir {
         Ok(())
     }
 
-    /// Writes one checkpoint: the files go into a hidden directory that is renamed to
-    /// step-N only once all are complete, so a crash leaves the previous checkpoints intact.
-    /// Then removes all but the newest `keep_last` checkpoints.
+    /// Writes one checkpoint, then removes all but the newest `keep_last` step checkpoints.
     pub fn write_checkpoint(
         &self,
         step: usize,
-        files: &[(Metadata, Vec<(String, Tensor)>)],
+        files: &[CheckpointFile],
         keep_last: usize,
     ) -> Result<PathBuf> {
         let final_dir = self.step_dir(step);
-        let tmp_dir = self.checkpoints().join(format!(".step-{step:08}.partial"));
+        self.write_files(&final_dir, files)?;
+        let steps = self.checkpoint_steps()?;
+        for old in steps
+            .iter()
+            .take(steps.len().saturating_sub(keep_last.max(1)))
+        {
+            let dir = self.step_dir(*old);
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        Ok(final_dir)
+    }
+
+    /// Replaces the best checkpoint.
+    pub fn write_best(&self, files: &[CheckpointFile]) -> Result<PathBuf> {
+        let dir = self.best_dir();
+        self.write_files(&dir, files)?;
+        Ok(dir)
+    }
+
+    /// The files go into a hidden directory that is renamed to `final_dir` only once all are
+    /// complete, so a crash leaves the previous checkpoints intact.
+    fn write_files(&self, final_dir: &Path, files: &[CheckpointFile]) -> Result<()> {
+        let name = final_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp_dir = self.checkpoints().join(format!(".{name}.partial"));
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
         let written = files.iter().try_for_each(|(meta, tensors)| {
@@ -287,18 +319,9 @@ impl RunDir {
             return Err(e);
         }
         if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io(&final_dir, e))?;
+            std::fs::remove_dir_all(final_dir).map_err(|e| Error::io(final_dir, e))?;
         }
-        std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
-        let steps = self.checkpoint_steps()?;
-        for old in steps
-            .iter()
-            .take(steps.len().saturating_sub(keep_last.max(1)))
-        {
-            let dir = self.step_dir(*old);
-            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        }
-        Ok(final_dir)
+        std::fs::rename(&tmp_dir, final_dir).map_err(|e| Error::io(final_dir, e))
     }
 }
 

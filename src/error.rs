@@ -27,6 +27,17 @@ pub enum Error {
     /// value: sagan-infer, built on the same library, must link no candle code at all.
     #[error("tensor computation failed: {0}")]
     Compute(String),
+
+    /// A failure of the ONNX Runtime side (e.g. the feature network of FID during training).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+#[cfg(feature = "infer")]
+impl From<crate::infer::InferError> for Error {
+    fn from(e: crate::infer::InferError) -> Self {
+        Error::Runtime(e.to_string())
+    }
 }
 
 #[cfg(feature = "train")]

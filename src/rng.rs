@@ -21,6 +21,8 @@ pub mod streams {
     pub const INIT_G: u64 = 1;
     pub const INIT_D: u64 = 2;
     pub const FIXED_Z: u64 = 3;
+    /// Latents of the FID evaluations during training.
+    pub const EVAL_Z: u64 = 4;
     /// Per-step latents use `STEP_Z_BASE + step`.
     pub const STEP_Z_BASE: u64 = 1 << 32;
     /// Per-epoch data permutations use `SHUFFLE_BASE + epoch`.

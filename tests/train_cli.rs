@@ -1,5 +1,7 @@
 //! sagan-train, run as users run it.
 
+mod common;
+
 use assert_cmd::Command;
 use predicates::prelude::*;
 use std::collections::HashMap;
@@ -410,4 +412,55 @@ fn ctrl_c_writes_a_checkpoint_and_the_run_resumes() {
     assert!(run
         .join(format!("checkpoints/step-{:08}", step + 1))
         .exists());
+}
+
+#[test]
+fn eval_every_logs_fid_and_keeps_the_best_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    train()
+        .env("ORT_DYLIB_PATH", common::ort_lib())
+        .args(QUICK)
+        .args([
+            "--steps",
+            "4",
+            "--sample-every",
+            "0",
+            "--eval-every",
+            "2",
+            "--eval-count",
+            "300",
+            "--out",
+        ])
+        .arg(&run)
+        .assert()
+        .success();
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let fids: Vec<(u64, f64)> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|r| Some((r["step"].as_u64()?, r.get("fid")?.as_f64()?)))
+        .collect();
+    assert_eq!(
+        fids.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![2, 4],
+        "{metrics}"
+    );
+    assert!(fids.iter().all(|(_, f)| f.is_finite() && *f > 0.0));
+    let best_step = fids.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    let bytes = std::fs::read(run.join("checkpoints/best/generator.safetensors")).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        header.metadata().as_ref().unwrap()["step"],
+        best_step.to_string()
+    );
+
+    // Presets other than 1x28x28 need a feature network for FID.
+    let err = stderr_of(
+        train()
+            .args(QUICK)
+            .args(["--preset", "sagan64", "--eval-every", "1", "--out"])
+            .arg(dir.path().join("x")),
+    );
+    assert!(err.contains("--feature-net"), "{err}");
 }

@@ -11,15 +11,10 @@ use sagan::eval::cache::{self, CacheKey};
 use sagan::eval::features::fingerprint_from;
 use sagan::eval::{
     summarise, summarise_generator, EvalOptions, EvalReport, FeatureNet, FeatureNetOptions,
-    FeatureSummary, Resize,
+    FeatureSummary, Resize, MNIST_CLASSIFIER, MNIST_CLASSIFIER_NAME,
 };
 use sagan::infer::{Generator, LibrarySearch, LoadOptions, Provider, Runtime, TensorRtOptions};
 use std::path::{Path, PathBuf};
-
-/// The default feature network for 1x28x28 data, built in so that the binary works from
-/// anywhere (see fixtures/mnist-classifier.md).
-const MNIST_CLASSIFIER: &[u8] = include_bytes!("../../fixtures/mnist-classifier.onnx");
-const MNIST_CLASSIFIER_NAME: &str = "<built-in mnist-classifier.onnx>";
 
 /// The real images are a fixed random subset, whatever --seed says, so that their cached
 /// statistics serve every evaluation.

@@ -5,6 +5,9 @@ use clap::Parser;
 use sagan::checkpoint::{self, Kind, RunDir};
 use sagan::config::{preset_names, LossKind, ModelConfig, TrainConfig};
 use sagan::data::{DataSource, Dataset};
+use sagan::eval::{FeatureNet, FeatureNetOptions, MNIST_CLASSIFIER, MNIST_CLASSIFIER_NAME};
+use sagan::infer::{LibrarySearch, Runtime};
+use sagan::train::fid::FidMonitor;
 use sagan::train::{cpu, Outcome, Schedule, Trainer};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -102,6 +105,24 @@ struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+
+    /// Compute FID every N steps (0: never), log it to metrics.jsonl and keep the best
+    /// checkpoint in checkpoints/best. Needs ONNX Runtime (tools/install-onnxruntime.sh cpu).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+
+    /// Generated and real images per FID evaluation.
+    #[arg(long, default_value_t = 2000)]
+    eval_count: usize,
+
+    /// ONNX feature network for FID (outputs `features`, see sagan-eval). Default: the built-in
+    /// MNIST classifier, for 1x28x28 presets.
+    #[arg(long)]
+    feature_net: Option<PathBuf>,
+
+    /// The ONNX Runtime library for FID (else $ORT_DYLIB_PATH, .onnxruntime/, the system).
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -255,6 +276,10 @@ fn run(args: Args, progress_bar: bool) -> Result<i32> {
     };
     let dataset = Dataset::load(&source, model_cfg.channels, model_cfg.image_size)?;
     tracing::info!("data: {}", dataset.describe());
+    let fid = match args.eval_every {
+        0 => None,
+        every => Some(fid_monitor(&args, &model_cfg, &dataset, every)?),
+    };
     tracing::info!(
         "preset {} | {} steps, batch {}, lr D {} G {}, {:?} loss, {threads} threads | run dir {}",
         model_cfg.name,
@@ -273,6 +298,9 @@ fn run(args: Args, progress_bar: bool) -> Result<i32> {
     };
     if resuming {
         tracing::info!("resuming from step {}", trainer.step());
+    }
+    if let Some(monitor) = fid {
+        trainer.set_fid_monitor(monitor);
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -317,4 +345,31 @@ fn next_free_run_dir(preset: &str) -> PathBuf {
         .chain((2..).map(|i| base.join(format!("{preset}-{i}"))))
         .find(|p| !p.exists())
         .unwrap_or_else(|| base.join(preset))
+}
+
+/// The FID monitor: the feature network on ONNX Runtime's CPU provider and the real statistics.
+fn fid_monitor(
+    args: &Args,
+    model: &ModelConfig,
+    data: &Dataset,
+    every: usize,
+) -> Result<FidMonitor> {
+    if args.eval_count < 2 {
+        bail!("--eval-count must be at least 2 (FID needs a covariance)");
+    }
+    let runtime = Runtime::init(&LibrarySearch::from_process(args.ort_lib.clone(), false))?;
+    let options = FeatureNetOptions::default();
+    let net = match &args.feature_net {
+        Some(path) => FeatureNet::load(runtime, path, &options)?,
+        None if (model.channels, model.image_size) == (1, 28) => {
+            FeatureNet::from_bytes(runtime, Path::new(MNIST_CLASSIFIER_NAME), MNIST_CLASSIFIER, &options)?
+        }
+        None => bail!(
+            "--eval-every: the built-in feature network (an MNIST classifier) fits 1x28x28 images only; pass --feature-net NET.onnx for {}",
+            model.name
+        ),
+    };
+    let monitor = FidMonitor::new(net, data, args.eval_count, every)?;
+    tracing::info!("FID every {every} steps on {} images", monitor.count());
+    Ok(monitor)
 }

@@ -89,6 +89,11 @@ impl Default for EvalOptions {
     }
 }
 
+/// The MNIST classifier shipped as the default feature network for 1x28x28 data
+/// (fixtures/mnist-classifier.md), built into the binaries.
+pub const MNIST_CLASSIFIER: &[u8] = include_bytes!("../../fixtures/mnist-classifier.onnx");
+pub const MNIST_CLASSIFIER_NAME: &str = "<built-in mnist-classifier.onnx>";
+
 /// What the feature network made of a set of images.
 #[derive(Clone, Debug)]
 pub struct FeatureSummary {

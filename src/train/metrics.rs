@@ -21,6 +21,9 @@ pub struct Record {
     /// Real images per second: batch size x generator steps per second (each with n_dis D steps).
     pub images_per_sec: f32,
     pub elapsed_sec: f64,
+    /// FID of the sampling generator, at the steps training evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid: Option<f64>,
 }
 
 pub struct MetricsLog {
@@ -111,6 +114,12 @@ pub fn save_curves(records: &[Record], path: &Path) -> Result<()> {
             ],
         ),
     ];
+    if records.iter().any(|r| r.fid.is_some()) {
+        panels.push(panel(
+            "FID",
+            vec![series(records, "FID", |r| r.fid.map(|f| f as f32))],
+        ));
+    }
     if !gamma_names.is_empty() {
         let gammas = gamma_names
             .iter()
@@ -139,6 +148,7 @@ mod tests {
             gammas: BTreeMap::from([("g.layers.2".to_string(), 0.01 * step as f32)]),
             images_per_sec: 100.0,
             elapsed_sec: step as f64,
+            fid: (step == 20).then_some(12.5),
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod adam;
 pub mod cpu;
 pub mod ema;
+pub mod fid;
 pub mod loss;
 pub mod metrics;
 
@@ -18,6 +19,7 @@ use adam::{Adam, AdamConfig};
 use candle_core::{Device, ModuleT, Tensor};
 use candle_nn::VarMap;
 use ema::Ema;
+use fid::FidMonitor;
 use metrics::{MetricsLog, Record};
 use rand::seq::SliceRandom;
 use std::collections::{BTreeMap, HashSet};
@@ -75,6 +77,7 @@ pub struct Trainer {
     fixed_z: Tensor,
     /// The data order of the current epoch, cached: (epoch, permutation).
     epoch_order: Option<(usize, Vec<usize>)>,
+    fid: Option<FidMonitor>,
 }
 
 impl Trainer {
@@ -147,6 +150,7 @@ impl Trainer {
             step: 0,
             fixed_z,
             epoch_order: None,
+            fid: None,
         })
     }
 
@@ -205,6 +209,29 @@ impl Trainer {
 
     pub fn step(&self) -> usize {
         self.step
+    }
+
+    /// Evaluates FID every `monitor.every()` steps, logs it and keeps the best checkpoint.
+    pub fn set_fid_monitor(&mut self, monitor: FidMonitor) {
+        self.fid = Some(monitor);
+    }
+
+    /// The FID of the sampling generator on the evaluation latents.
+    fn evaluate_fid(&mut self) -> Result<Option<f64>> {
+        let Some(mut monitor) = self.fid.take() else {
+            return Ok(None);
+        };
+        let mut rng = rng::stream(self.cfg.seed, streams::EVAL_Z);
+        let result = rng::normal_tensor(
+            &mut rng,
+            monitor.count(),
+            self.model_cfg.z_dim,
+            &self.device,
+        )
+        .map_err(Error::from)
+        .and_then(|z| monitor.fid(self.sampling_generator(), &z));
+        self.fid = Some(monitor);
+        result.map(Some)
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -366,7 +393,8 @@ impl Trainer {
         Ok(grid)
     }
 
-    pub fn save_checkpoint(&self, keep_last: usize) -> Result<PathBuf> {
+    /// The files of a checkpoint of the current state.
+    fn checkpoint_files(&self) -> Result<Vec<checkpoint::CheckpointFile>> {
         let meta = |kind| Metadata {
             kind,
             model: self.model_cfg.clone(),
@@ -392,7 +420,12 @@ impl Trainer {
         let mut optimizer = self.opt_g.state("g")?;
         optimizer.extend(self.opt_d.state("d")?);
         files.push((meta(Kind::Optimizer), optimizer));
-        self.run.write_checkpoint(self.step, &files, keep_last)
+        Ok(files)
+    }
+
+    pub fn save_checkpoint(&self, keep_last: usize) -> Result<PathBuf> {
+        self.run
+            .write_checkpoint(self.step, &self.checkpoint_files()?, keep_last)
     }
 
     fn gammas(&self) -> Result<BTreeMap<String, f32>> {
@@ -416,8 +449,12 @@ impl Trainer {
         let bar = progress_bar(self.cfg.steps, self.step, schedule.progress_bar);
         let started = Instant::now();
         let mut window = (Instant::now(), 0usize, StepStats::default());
-        let every = |n: usize, step: usize| n > 0 && step % n == 0;
+        let every = |n: usize, step: usize| n > 0 && step.is_multiple_of(n);
         let mut interrupted = false;
+        let mut best_fid = metrics::read(&self.run.metrics())?
+            .iter()
+            .filter_map(|r| r.fid)
+            .fold(f64::INFINITY, f64::min);
         while self.step < self.cfg.steps {
             if stop.load(Ordering::SeqCst) {
                 interrupted = true;
@@ -435,7 +472,12 @@ impl Trainer {
                 *sum += x;
             }
             let last = self.step == self.cfg.steps;
-            if every(schedule.log_every, self.step) || last {
+            let fid_due = self
+                .fid
+                .as_ref()
+                .is_some_and(|m| every(m.every(), self.step) || last);
+            let fid = if fid_due { self.evaluate_fid()? } else { None };
+            if every(schedule.log_every, self.step) || last || fid.is_some() {
                 let n = window.1 as f32;
                 let secs = window.0.elapsed().as_secs_f32();
                 let record = Record {
@@ -447,6 +489,7 @@ impl Trainer {
                     gammas: self.gammas()?,
                     images_per_sec: n * self.cfg.batch_size as f32 / secs.max(1e-9),
                     elapsed_sec: started.elapsed().as_secs_f64(),
+                    fid,
                 };
                 metrics.append(&record)?;
                 let line = format!(
@@ -471,6 +514,14 @@ impl Trainer {
             if every(schedule.sample_every, self.step) || last {
                 let path = self.save_samples()?;
                 bar.suspend(|| tracing::info!("samples: {}", path.display()));
+            }
+            if let Some(fid) = fid {
+                bar.suspend(|| tracing::info!("step {}: FID {fid:.3}", self.step));
+                if fid < best_fid {
+                    best_fid = fid;
+                    let path = self.run.write_best(&self.checkpoint_files()?)?;
+                    bar.suspend(|| tracing::info!("best FID so far: {}", path.display()));
+                }
             }
             if every(schedule.checkpoint_every, self.step) || last {
                 let path = self.save_checkpoint(schedule.keep_last)?;
