@@ -8,9 +8,9 @@
 //! its `sagan.input_range` metadata names ("lo,hi"; [-1, 1] without it).
 
 use crate::image_io::ImageBatch;
+use crate::infer::generator::provider_error;
 use crate::infer::runtime::Runtime;
-use crate::infer::{InferError, InferResult, Provider, INSTALL_GPU};
-use ort::ep::{self, ExecutionProviderDispatch};
+use crate::infer::{InferError, InferResult, Provider};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
@@ -525,7 +525,7 @@ fn build_session(
             .map_err(|e| setup(e.to_string()))?;
     }
     let mut builder = builder
-        .with_execution_providers(dispatches(provider))
+        .with_execution_providers(provider.dispatches(None)?)
         .map_err(|e| setup(e.to_string()))?;
     builder.commit_from_memory(bytes).map_err(|e| {
         let msg = e.to_string();
@@ -544,53 +544,6 @@ fn build_session(
             }
         }
     })
-}
-
-/// The execution providers to register for `provider`, each one `error_on_failure`.
-fn dispatches(provider: &Provider) -> Vec<ExecutionProviderDispatch> {
-    match provider {
-        Provider::Cpu => Vec::new(),
-        Provider::Cuda { device_id } => vec![ep::CUDA::default()
-            .with_device_id(*device_id)
-            .build()
-            .error_on_failure()],
-        Provider::TensorRt(trt) => {
-            let mut tensorrt = ep::TensorRT::default()
-                .with_device_id(trt.device_id)
-                .with_fp16(trt.fp16);
-            if let Some(dir) = &trt.cache_dir {
-                let dir = dir.display().to_string();
-                tensorrt = tensorrt
-                    .with_engine_cache(true)
-                    .with_engine_cache_path(&dir)
-                    .with_timing_cache(true)
-                    .with_timing_cache_path(&dir);
-            }
-            vec![
-                tensorrt.build().error_on_failure(),
-                ep::CUDA::default()
-                    .with_device_id(trt.device_id)
-                    .build()
-                    .error_on_failure(),
-            ]
-        }
-    }
-}
-
-fn provider_error(runtime: &Runtime, provider: &Provider, msg: String) -> InferError {
-    let hint = if msg.contains("not enabled in this build") {
-        format!(
-            "; {} is a CPU-only ONNX Runtime: install the GPU one with {INSTALL_GPU}",
-            runtime.library().display()
-        )
-    } else {
-        String::new()
-    };
-    InferError::Provider {
-        provider: provider.name(),
-        msg: msg.trim_end_matches(['.', ' ', '\n']).to_string(),
-        hint,
-    }
 }
 
 #[cfg(test)]

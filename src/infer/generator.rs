@@ -51,9 +51,12 @@ impl Provider {
 
     /// The providers to register, every one strict (`error_on_failure`): ort's default is to
     /// log and quietly run on the CPU, which would make `--provider cuda` a lie.
-    fn dispatches(&self, signature: &Signature) -> InferResult<Vec<ExecutionProviderDispatch>> {
-        let (z_input, z_dim, fixed_batch) =
-            (&signature.z_input, signature.z_dim, signature.fixed_batch);
+    /// `batch_input` names a 2-D input with a symbolic batch, [batch, width], for TensorRT's
+    /// optimisation profile.
+    pub(crate) fn dispatches(
+        &self,
+        batch_input: Option<(&str, usize)>,
+    ) -> InferResult<Vec<ExecutionProviderDispatch>> {
         Ok(match self {
             Provider::Cpu => Vec::new(),
             Provider::Cuda { device_id } => vec![ep::CUDA::default()
@@ -78,8 +81,10 @@ impl Provider {
                         .with_timing_cache_path(&dir);
                 }
                 // A profile only makes sense for a symbolic batch dimension.
-                if let (Some([min, opt, max]), None) = (trt.batch_profile, fixed_batch) {
-                    let shape = |b: usize| format!("{z_input}:{b}x{z_dim}");
+                if let (Some([min, opt, max]), Some((input, width))) =
+                    (trt.batch_profile, batch_input)
+                {
+                    let shape = |b: usize| format!("{input}:{b}x{width}");
                     provider = provider
                         .with_profile_min_shapes(shape(min))
                         .with_profile_opt_shapes(shape(opt))
@@ -492,30 +497,12 @@ fn build_provider_session(
     options: &LoadOptions,
     signature: &Signature,
 ) -> InferResult<Session> {
-    let name = options.provider.name();
-    let provider_err = |msg: String| {
-        let lib = runtime.library().display();
-        let hint = if msg.contains("not enabled in this build") {
-            format!("; {lib} is a CPU-only ONNX Runtime: install the GPU one with {INSTALL_GPU}")
-        } else if msg.contains(".so") {
-            format!(
-                "; {lib} needs the CUDA 13 and cuDNN 9 libraries{} on the library path",
-                if name == "tensorrt" {
-                    " (and TensorRT 10, libnvinfer.so.10)"
-                } else {
-                    ""
-                }
-            )
-        } else {
-            String::new()
-        };
-        InferError::Provider {
-            provider: name,
-            msg: msg.trim_end_matches(['.', ' ', '\n']).to_string(),
-            hint,
-        }
-    };
-    let dispatches = options.provider.dispatches(signature)?;
+    let provider_err = |msg: String| provider_error(runtime, &options.provider, msg);
+    let batch_input = signature
+        .fixed_batch
+        .is_none()
+        .then_some((signature.z_input.as_str(), signature.z_dim));
+    let dispatches = options.provider.dispatches(batch_input)?;
     let mut builder =
         Session::builder(runtime.environment()).map_err(|e| provider_err(e.to_string()))?;
     if let Some(threads) = options.threads {
@@ -529,6 +516,30 @@ fn build_provider_session(
     builder
         .commit_from_file(path)
         .map_err(|e| provider_err(e.to_string()))
+}
+
+/// A provider that cannot run, with what to do about it.
+pub(crate) fn provider_error(runtime: &Runtime, provider: &Provider, msg: String) -> InferError {
+    let lib = runtime.library().display();
+    let hint = if msg.contains("not enabled in this build") {
+        format!("; {lib} is a CPU-only ONNX Runtime: install the GPU one with {INSTALL_GPU}")
+    } else if msg.contains(".so") {
+        format!(
+            "; {lib} needs the CUDA 13 and cuDNN 9 libraries{} on the library path",
+            if matches!(provider, Provider::TensorRt(_)) {
+                " (and TensorRT 10, libnvinfer.so.10)"
+            } else {
+                ""
+            }
+        )
+    } else {
+        String::new()
+    };
+    InferError::Provider {
+        provider: provider.name(),
+        msg: msg.trim_end_matches(['.', ' ', '\n']).to_string(),
+        hint,
+    }
 }
 
 /// Turns ONNX Runtime's load errors into what the user needs to know.
