@@ -4,6 +4,10 @@
 //! `tools/install-onnxruntime.sh cpu` makes in `.onnxruntime/cpu`.
 #![cfg(all(feature = "train", feature = "infer"))]
 
+mod common;
+
+use common::{manifest_dir, ort_lib};
+
 use assert_cmd::Command;
 use sagan::data::{DataSource, Dataset};
 use sagan::eval::{summarise, FeatureNet, FeatureNetOptions, Resize};
@@ -11,30 +15,12 @@ use sagan::image_io::ImageBatch;
 use sagan::infer::{LibrarySearch, Runtime};
 use std::path::{Path, PathBuf};
 
-fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn fixture(rel: &str) -> String {
     manifest_dir()
         .join("fixtures")
         .join(rel)
         .display()
         .to_string()
-}
-
-/// The runtime the tests load, named explicitly so no other install on the machine is picked.
-fn ort_lib() -> PathBuf {
-    let path = std::env::var_os("ORT_DYLIB_PATH")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| manifest_dir().join(".onnxruntime/cpu/lib/libonnxruntime.so"));
-    assert!(
-        path.exists(),
-        "ONNX Runtime not found at {}: run tools/install-onnxruntime.sh cpu (or set ORT_DYLIB_PATH)",
-        path.display()
-    );
-    path
 }
 
 fn runtime() -> &'static Runtime {
