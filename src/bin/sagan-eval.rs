@@ -13,7 +13,8 @@ use sagan::eval::{
     summarise, summarise_generator, EvalOptions, EvalReport, FeatureNet, FeatureNetOptions,
     FeatureSummary, Resize, MNIST_CLASSIFIER, MNIST_CLASSIFIER_NAME,
 };
-use sagan::infer::{Generator, LibrarySearch, LoadOptions, Provider, Runtime, TensorRtOptions};
+use sagan::infer::cli::{ProviderArg, ProviderArgs};
+use sagan::infer::{Generator, LoadOptions, Provider, Runtime, TensorRtOptions};
 use std::path::{Path, PathBuf};
 
 /// The real images are a fixed random subset, whatever --seed says, so that their cached
@@ -38,18 +39,6 @@ Real images are converted to the generator's shape, then both are converted to t
 network's (resized, grey <-> RGB). The real statistics are cached in --cache-dir, keyed by the
 images and the network. See the sagan::eval docs for exporting Inception-v3 to ONNX; FIDs are
 only comparable when computed with the same network and the same --count.";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ProviderArg {
-    Cpu,
-    Cuda,
-    Tensorrt,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum FallbackArg {
-    Cpu,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ResizeArg {
@@ -107,21 +96,8 @@ struct Args {
     #[arg(long, default_value_t = 10, value_name = "N")]
     splits: usize,
 
-    /// Execution provider, for the generator and the feature network.
-    #[arg(long, value_enum, default_value_t = ProviderArg::Cpu)]
-    provider: ProviderArg,
-
-    /// Run on the CPU, with a warning, when --provider cannot be used.
-    #[arg(long, value_enum, value_name = "cpu")]
-    fallback: Option<FallbackArg>,
-
-    /// GPU to run on (cuda, tensorrt).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    device_id: i32,
-
-    /// The ONNX Runtime library (libonnxruntime.so*) to load; overrides $ORT_DYLIB_PATH.
-    #[arg(long, value_name = "PATH")]
-    ort_lib: Option<PathBuf>,
+    #[command(flatten)]
+    ort: ProviderArgs,
 
     /// Intra-op threads [default: ONNX Runtime's, one per core].
     #[arg(long, value_name = "N")]
@@ -187,25 +163,25 @@ fn run(args: &Args) -> Result<()> {
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
-    let provider = match args.provider {
+    let provider = match args.ort.provider {
         ProviderArg::Cpu => Provider::Cpu,
         ProviderArg::Cuda => Provider::Cuda {
-            device_id: args.device_id,
+            device_id: args.ort.device_id,
         },
         ProviderArg::Tensorrt => Provider::TensorRt(TensorRtOptions {
-            device_id: args.device_id,
+            device_id: args.ort.device_id,
             batch_profile: Some([1, args.batch, args.batch]),
             ..Default::default()
         }),
     };
-    let search = LibrarySearch::from_process(args.ort_lib.clone(), provider.needs_gpu_runtime());
+    let search = args.ort.library_search();
     let runtime = Runtime::init(&search)?;
 
     let mut generator = match &args.model {
         Some(path) => {
             let options = LoadOptions {
                 provider: provider.clone(),
-                fallback_cpu: args.fallback.is_some(),
+                fallback_cpu: args.ort.fallback_cpu(),
                 threads: args.threads,
                 z_dim: args.z_dim,
             };
@@ -215,7 +191,7 @@ fn run(args: &Args) -> Result<()> {
     };
     let net_options = FeatureNetOptions {
         provider,
-        fallback_cpu: args.fallback.is_some(),
+        fallback_cpu: args.ort.fallback_cpu(),
         threads: args.threads,
         features_output: args.features_output.clone(),
         logits_output: args.logits_output.clone(),

@@ -5,10 +5,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use sagan::image_io::{self, ImageBatch};
 use sagan::infer::bench::LatencySummary;
+use sagan::infer::cli::{ProviderArg, ProviderArgs};
 use sagan::infer::latent::check_truncation;
 use sagan::infer::{
-    interpolate, latents, truncated_latents, Generated, Generator, Interpolation, LibrarySearch,
-    LoadOptions, Provider, Runtime, TensorRtOptions,
+    interpolate, latents, truncated_latents, Generated, Generator, Interpolation, LoadOptions,
+    Provider, Runtime, TensorRtOptions,
 };
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -45,18 +46,6 @@ training run with seed S. Attention overlays are written when the model was expo
 ./.onnxruntime/{cpu,gpu}/lib, the repository's .onnxruntime (for `cargo run`), then the system.";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum ProviderArg {
-    Cpu,
-    Cuda,
-    Tensorrt,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum FallbackArg {
-    Cpu,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum InterpArg {
     /// Great-circle interpolation: keeps latent norms typical (the usual choice).
     Slerp,
@@ -72,17 +61,8 @@ struct Args {
     #[arg(long, default_value = "model.onnx", value_name = "PATH")]
     model: PathBuf,
 
-    /// Execution provider. A provider that cannot run here is an error (see --fallback).
-    #[arg(long, value_enum, default_value_t = ProviderArg::Cpu)]
-    provider: ProviderArg,
-
-    /// Run on the CPU, with a warning, when --provider cannot be used.
-    #[arg(long, value_enum, value_name = "cpu")]
-    fallback: Option<FallbackArg>,
-
-    /// GPU to run on (cuda, tensorrt).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    device_id: i32,
+    #[command(flatten)]
+    ort: ProviderArgs,
 
     /// TensorRT: keep built engines and timing caches in DIR (first run builds, later runs load).
     #[arg(long, value_name = "DIR")]
@@ -95,10 +75,6 @@ struct Args {
     /// TensorRT: batch sizes of the optimisation profile [default: 1,BATCH,BATCH].
     #[arg(long, value_name = "MIN,OPT,MAX", value_parser = parse_batch_profile)]
     trt_batch: Option<[usize; 3]>,
-
-    /// The ONNX Runtime library (libonnxruntime.so*) to load; overrides $ORT_DYLIB_PATH.
-    #[arg(long, value_name = "PATH")]
-    ort_lib: Option<PathBuf>,
 
     /// The z size, for a generator whose file does not say (no sagan metadata, symbolic shape).
     #[arg(long, value_name = "N")]
@@ -248,11 +224,11 @@ fn run(args: &Args, start: Instant) -> Result<()> {
     }
     let provider = provider(args, batch)?;
 
-    let search = LibrarySearch::from_process(args.ort_lib.clone(), provider.needs_gpu_runtime());
+    let search = args.ort.library_search();
     let runtime = Runtime::init(&search)?;
     let options = LoadOptions {
         provider,
-        fallback_cpu: args.fallback.is_some(),
+        fallback_cpu: args.ort.fallback_cpu(),
         threads: args.threads,
         z_dim: args.z_dim,
     };
@@ -399,16 +375,16 @@ fn plan_latents(args: &Args, plan: &Plan, z_dim: usize) -> Result<Vec<f32>> {
 
 fn provider(args: &Args, batch: usize) -> Result<Provider> {
     let trt_flags = args.trt_cache.is_some() || args.trt_fp16 || args.trt_batch.is_some();
-    if trt_flags && args.provider != ProviderArg::Tensorrt {
+    if trt_flags && args.ort.provider != ProviderArg::Tensorrt {
         bail!("--trt-cache, --trt-fp16 and --trt-batch need --provider tensorrt");
     }
-    Ok(match args.provider {
+    Ok(match args.ort.provider {
         ProviderArg::Cpu => Provider::Cpu,
         ProviderArg::Cuda => Provider::Cuda {
-            device_id: args.device_id,
+            device_id: args.ort.device_id,
         },
         ProviderArg::Tensorrt => Provider::TensorRt(TensorRtOptions {
-            device_id: args.device_id,
+            device_id: args.ort.device_id,
             cache_dir: args.trt_cache.clone(),
             fp16: args.trt_fp16,
             batch_profile: Some(args.trt_batch.unwrap_or([1, batch, batch])),

@@ -10,6 +10,7 @@
 //! - [`bench`] summarises latencies.
 
 pub mod bench;
+pub mod cli;
 pub mod generator;
 pub mod latent;
 pub mod metadata;
