@@ -6,6 +6,7 @@
 pub mod error;
 pub mod fsutil;
 pub mod image_io;
+pub mod logging;
 pub mod rng;
 
 #[cfg(feature = "train")]

@@ -11,23 +11,7 @@ use common::bin;
 /// Trains `preset` for one step and returns the run directory.
 fn tiny_run(dir: &Path, preset: &str) -> PathBuf {
     let run = dir.join(preset);
-    bin("sagan-train")
-        .args([
-            "--preset",
-            preset,
-            "--steps",
-            "1",
-            "--batch-size",
-            "2",
-            "--sample-every",
-            "0",
-            "--threads",
-            "2",
-            "--out",
-        ])
-        .arg(&run)
-        .assert()
-        .success();
+    common::train_one_step(&run, preset, &["--sample-every", "0"]);
     run
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::ort_lib;
+use common::{ort_lib, train_one_step};
 
 use assert_cmd::Command;
 use sagan::checkpoint;
@@ -16,25 +16,6 @@ fn bin(name: &str) -> Command {
     let mut cmd = common::bin(name);
     cmd.env("ORT_DYLIB_PATH", ort_lib());
     cmd
-}
-
-fn train_one_step(run: &Path, preset: &str, extra: &[&str]) {
-    bin("sagan-train")
-        .args([
-            "--preset",
-            preset,
-            "--steps",
-            "1",
-            "--batch-size",
-            "2",
-            "--threads",
-            "2",
-            "--out",
-        ])
-        .arg(run)
-        .args(extra)
-        .assert()
-        .success();
 }
 
 /// The EMA generator of a one-step run with every attention gamma set to 0.8, so that the

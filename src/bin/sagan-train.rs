@@ -205,14 +205,7 @@ impl Args {
 
 fn main() {
     let stderr_is_terminal = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(stderr_is_terminal)
-        .init();
+    sagan::logging::init("info", true);
     match run(Args::parse(), stderr_is_terminal) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

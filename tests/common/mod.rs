@@ -28,3 +28,24 @@ pub fn bin(name: &str) -> assert_cmd::Command {
     cmd.env("RUST_LOG", "warn");
     cmd
 }
+
+/// Trains `preset` for one step (batch 2) into `run`, with `extra` flags; a quick checkpoint
+/// with the real training state for export and parity tests.
+pub fn train_one_step(run: &Path, preset: &str, extra: &[&str]) {
+    bin("sagan-train")
+        .args([
+            "--preset",
+            preset,
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--threads",
+            "2",
+            "--out",
+        ])
+        .arg(run)
+        .args(extra)
+        .assert()
+        .success();
+}
