@@ -17,6 +17,11 @@ pub const BUILTIN_PRESETS: &[(&str, &str)] = &[
     ),
     ("sagan64", include_str!("../models/sagan64.toml")),
     ("dcgan64", include_str!("../models/dcgan64.toml")),
+    (
+        "sagan-cond-mnist32",
+        include_str!("../models/sagan-cond-mnist32.toml"),
+    ),
+    ("sagan128", include_str!("../models/sagan128.toml")),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +49,54 @@ pub struct ConvConfig {
     pub act: Activation,
 }
 
+/// The self-attention block's form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttentionConfig {
+    /// The official SAGAN code's memory-lean form: keys and values 2x2 max-pooled (N/4 keys),
+    /// values at C/2 with a 1x1 output conv back to C.
+    #[serde(skip_serializing_if = "is_false")]
+    pub pooled: bool,
+}
+
+/// A spectrally normalised linear map of the flattened input, reshaped to `out x size x size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinearConfig {
+    pub out: usize,
+    pub size: usize,
+}
+
+/// The generator's residual block: BN, ReLU, 2x nearest upsample, 3x3 conv, BN, ReLU, 3x3 conv;
+/// shortcut: upsample and 1x1 conv. The batch norms are class-conditional in a conditional model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorBlockConfig {
+    pub out: usize,
+    #[serde(default = "yes")]
+    pub upsample: bool,
+}
+
+/// The discriminator's residual block: ReLU, 3x3 conv, ReLU, 3x3 conv, 2x2 average pool;
+/// shortcut: 1x1 conv and average pool. The first block of D has no leading ReLU
+/// (`preactivation = false`): its input is the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscriminatorBlockConfig {
+    pub out: usize,
+    #[serde(default = "yes")]
+    pub downsample: bool,
+    #[serde(default = "yes")]
+    pub preactivation: bool,
+}
+
+/// Batch norm (never class-conditional) followed by `act`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NormConfig {
+    pub act: Activation,
+}
+
 /// One layer of a generator or discriminator, in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -51,7 +104,22 @@ pub enum LayerConfig {
     Conv(ConvConfig),
     ConvTranspose(ConvConfig),
     /// SAGAN self-attention block; keeps the shape.
-    Attention,
+    Attention(AttentionConfig),
+    Linear(LinearConfig),
+    GeneratorBlock(GeneratorBlockConfig),
+    DiscriminatorBlock(DiscriminatorBlockConfig),
+    BatchNorm(NormConfig),
+    /// The projection discriminator's head: ReLU, global sum pool, linear to one logit, plus
+    /// <embed(class), features> in a conditional model (Miyato & Koyama 2018).
+    ProjectionHead,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn one() -> usize {
@@ -75,6 +143,9 @@ pub struct ModelConfig {
     pub channels: usize,
     pub image_size: usize,
     pub z_dim: usize,
+    /// Classes of a class-conditional model; 0 for an unconditional one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub num_classes: usize,
     /// Negative slope of every LeakyReLU.
     #[serde(default = "default_leaky_slope")]
     pub leaky_slope: f64,
@@ -84,6 +155,10 @@ pub struct ModelConfig {
 
 fn default_leaky_slope() -> f64 {
     0.1
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Shape of a feature map flowing through a network: channels, height, width.
@@ -129,10 +204,36 @@ impl LayerConfig {
                     )),
                 }
             }
-            LayerConfig::Attention if c < 8 => Err(format!(
+            LayerConfig::Attention(_) if c < 8 => Err(format!(
                 "attention needs at least 8 channels (query/key use C/8), got {c}"
             )),
-            LayerConfig::Attention => Ok((c, h, w)),
+            LayerConfig::Attention(AttentionConfig { pooled: true })
+                if h % 2 != 0 || w % 2 != 0 =>
+            {
+                Err(format!(
+                    "pooled attention max-pools 2x2, so it needs an even size, got {h}x{w}"
+                ))
+            }
+            LayerConfig::Attention(_) => Ok((c, h, w)),
+            LayerConfig::Linear(LinearConfig { out, size }) => match out * size {
+                0 => Err("linear needs positive out and size".into()),
+                _ => Ok((out, size, size)),
+            },
+            LayerConfig::GeneratorBlock(GeneratorBlockConfig { out, upsample }) => {
+                let scale = if upsample { 2 } else { 1 };
+                Ok((out, h * scale, w * scale))
+            }
+            LayerConfig::DiscriminatorBlock(DiscriminatorBlockConfig {
+                out, downsample, ..
+            }) => match downsample {
+                true if h % 2 != 0 || w % 2 != 0 || h < 2 || w < 2 => Err(format!(
+                    "a downsampling block average-pools 2x2, so it needs an even size, got {h}x{w}"
+                )),
+                true => Ok((out, h / 2, w / 2)),
+                false => Ok((out, h, w)),
+            },
+            LayerConfig::BatchNorm(_) => Ok((c, h, w)),
+            LayerConfig::ProjectionHead => Ok((1, 1, 1)),
         }
     }
 }
@@ -204,6 +305,22 @@ impl ModelConfig {
                 g_out.last()
             )));
         }
+        let conditional_g = self
+            .generator
+            .layers
+            .iter()
+            .any(|l| matches!(l, LayerConfig::GeneratorBlock(_)));
+        let projection_d = matches!(
+            self.discriminator.layers.last(),
+            Some(LayerConfig::ProjectionHead)
+        );
+        if self.num_classes > 0 && !(conditional_g && projection_d) {
+            return Err(Error::Config(format!(
+                "{}: a class-conditional model (num_classes = {}) needs generator_block layers \
+                 (their batch norms take the class) and a discriminator ending in projection_head",
+                self.name, self.num_classes
+            )));
+        }
         let d_out = self.discriminator.shapes(image, "discriminator")?;
         if d_out.last() != Some(&(1, 1, 1)) {
             return Err(Error::Config(format!(
@@ -230,7 +347,11 @@ impl ModelConfig {
         self.generator
             .layers
             .iter()
-            .any(|l| matches!(l, LayerConfig::Attention))
+            .any(|l| matches!(l, LayerConfig::Attention(_)))
+    }
+
+    pub fn is_conditional(&self) -> bool {
+        self.num_classes > 0
     }
 }
 

@@ -252,30 +252,49 @@ fn draw_marker(img: &mut RgbImage, (cx, cy): (i64, i64), radius: i64, color: Rgb
     fill_rect(img, cx - radius, cy - radius, side, side, color);
 }
 
-/// Attention maps of a self-attention layer: `maps` is [n, N, N] row-major with N = map_h*map_w;
-/// row q (the query position q = y*map_w + x) is a softmax over the N key positions.
+/// Where an attention map's queries and keys lie: (height, width) grids over the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapGrid {
+    pub queries: (usize, usize),
+    pub keys: (usize, usize),
+}
+
+impl MapGrid {
+    /// The grids of a map over a square image with `queries` query and `keys` key positions
+    /// (fewer keys than queries when keys were pooled).
+    pub fn square(queries: usize, keys: usize) -> Self {
+        let side = |n: usize| (n as f64).sqrt().round() as usize;
+        Self {
+            queries: (side(queries), side(queries)),
+            keys: (side(keys), side(keys)),
+        }
+    }
+}
+
+/// Attention maps of a self-attention layer: `maps` is [n, Nq, Nk] row-major over the grids of
+/// `grid`; row q (the query position q = y*width + x) is a softmax over the key positions.
 ///
 /// The picture has one row per image: the image with the query points marked (a distinct colour
 /// per query), then for each query its attention heat map (upsampled bilinearly to the image
 /// size, inferno colours, normalised per map so even diffuse attention shows its shape) blended
-/// over the greyscale image, with that query point marked. `queries` are (y, x) in map
+/// over the greyscale image, with that query point marked. `queries` are (y, x) in query-grid
 /// coordinates.
 pub fn attention_overlay(
     images: ImageBatch,
     maps: &[f32],
-    map_h: usize,
-    map_w: usize,
+    grid: MapGrid,
     queries: &[(usize, usize)],
 ) -> Result<RgbImage> {
     let err = |msg: String| data_error("attention maps", msg);
-    let n_pos = map_h * map_w;
-    if n_pos == 0 {
-        return Err(err(format!("empty attention map {map_h}x{map_w}")));
+    let ((map_h, map_w), (key_h, key_w)) = (grid.queries, grid.keys);
+    let (n_pos, n_keys) = (map_h * map_w, key_h * key_w);
+    if n_pos == 0 || n_keys == 0 {
+        return Err(err(format!("empty attention map {grid:?}")));
     }
-    let expected = images.n * n_pos * n_pos;
+    let expected = images.n * n_pos * n_keys;
     if maps.len() != expected {
         return Err(err(format!(
-            "{} images with {map_h}x{map_w} maps need {expected} values, got {}",
+            "{} images with {map_h}x{map_w} queries over {key_h}x{key_w} keys need {expected} values, got {}",
             images.n,
             maps.len()
         )));
@@ -304,12 +323,12 @@ pub fn attention_overlay(
             }
             let mut row = vec![marked];
             for (k, &q) in queries.iter().enumerate() {
-                let start = (i * n_pos + q.0 * map_w + q.1) * n_pos;
-                let heat = normalise(&maps[start..start + n_pos]);
+                let start = (i * n_pos + q.0 * map_w + q.1) * n_keys;
+                let heat = normalise(&maps[start..start + n_keys]);
                 let mut tile = RgbImage::from_fn(tw, th, |x, y| {
                     let [r, g, b] = image.get_pixel(x, y).0.map(f32::from);
                     let grey = 0.299 * r + 0.587 * g + 0.114 * b;
-                    let hot = inferno(bilinear(&heat, map_h, map_w, tw, th, x, y));
+                    let hot = inferno(bilinear(&heat, key_h, key_w, tw, th, x, y));
                     Rgb(hot.map(|c| (HEAT_ALPHA * c + (1.0 - HEAT_ALPHA) * grey).round() as u8))
                 });
                 let centre = query_centre(q, map_h, map_w, tw, th);
@@ -976,43 +995,51 @@ mod tests {
 
     #[test]
     fn one_hot_attention_is_hottest_at_the_key() {
-        let (h, w, map) = (32, 32, 8);
-        let n_pos = map * map;
-        let data = vec![0.0; h * w];
-        let images = ImageBatch::new(&data, 1, 1, h, w).unwrap();
-        let (query, key) = ((1, 1), (5, 6));
-        let mut maps = vec![0.0; n_pos * n_pos];
-        maps[(query.0 * map + query.1) * n_pos + key.0 * map + key.1] = 1.0;
-        let img = attention_overlay(images, &maps, map, map, &[query]).unwrap();
-        let tile = 128; // 32 px upscaled 4x
-        assert_eq!(img.dimensions(), (2 * (tile + GAP) + GAP, tile + GAP + GAP));
-        // Inside the heat tile, find the pixel closest to the hottest colour.
-        let hottest = inferno(1.0).map(|c| HEAT_ALPHA * c + (1.0 - HEAT_ALPHA) * 128.0);
-        let x0 = 2 * GAP + tile;
-        let (mut best, mut best_d) = ((0, 0), f32::INFINITY);
-        for y in 0..tile {
-            for x in 0..tile {
-                let p = img.get_pixel(x0 + x, GAP + y).0.map(f32::from);
-                let d: f32 = (0..3).map(|k| (p[k] - hottest[k]).powi(2)).sum();
-                if d < best_d {
-                    (best, best_d) = ((x, y), d);
+        // Full attention (8x8 keys) and pooled attention (4x4 keys over the same 8x8 queries).
+        for (keys, key) in [(8, (5, 6)), (4, (2, 3))] {
+            let (h, w, map) = (32, 32, 8);
+            let (n_pos, n_keys) = (map * map, keys * keys);
+            let data = vec![0.0; h * w];
+            let images = ImageBatch::new(&data, 1, 1, h, w).unwrap();
+            let query = (1, 1);
+            let mut maps = vec![0.0; n_pos * n_keys];
+            maps[(query.0 * map + query.1) * n_keys + key.0 * keys + key.1] = 1.0;
+            let grid = MapGrid::square(n_pos, n_keys);
+            let img = attention_overlay(images, &maps, grid, &[query]).unwrap();
+            let tile = 128; // 32 px upscaled 4x
+            assert_eq!(img.dimensions(), (2 * (tile + GAP) + GAP, tile + GAP + GAP));
+            // Inside the heat tile, find the pixel closest to the hottest colour.
+            let hottest = inferno(1.0).map(|c| HEAT_ALPHA * c + (1.0 - HEAT_ALPHA) * 128.0);
+            let x0 = 2 * GAP + tile;
+            let (mut best, mut best_d) = ((0, 0), f32::INFINITY);
+            for y in 0..tile {
+                for x in 0..tile {
+                    let p = img.get_pixel(x0 + x, GAP + y).0.map(f32::from);
+                    let d: f32 = (0..3).map(|k| (p[k] - hottest[k]).powi(2)).sum();
+                    if d < best_d {
+                        (best, best_d) = ((x, y), d);
+                    }
                 }
             }
+            let cell = tile / keys as u32;
+            assert_eq!((best.1 / cell, best.0 / cell), (key.0 as u32, key.1 as u32));
+            // Bilinear sampling peaks just short of 1 between pixel centres, so allow a small gap.
+            assert!(best_d < 2500.0, "hottest pixel is off colour: {best_d}");
         }
-        let cell = tile / map as u32;
-        assert_eq!((best.1 / cell, best.0 / cell), (key.0 as u32, key.1 as u32));
-        // Bilinear sampling peaks just short of 1 between pixel centres, so allow a small gap.
-        assert!(best_d < 2500.0, "hottest pixel is off colour: {best_d}");
     }
 
     #[test]
     fn attention_overlay_checks_shapes() {
         let data = vec![0.0; 16 * 16];
         let images = ImageBatch::new(&data, 1, 1, 16, 16).unwrap();
-        assert!(attention_overlay(images, &[0.0; 10], 4, 4, &[]).is_err());
+        let grid = MapGrid::square(16, 16);
+        assert!(attention_overlay(images, &[0.0; 10], grid, &[]).is_err());
         let maps = vec![0.0; 256];
-        assert!(attention_overlay(images, &maps, 4, 4, &[(4, 0)]).is_err());
-        assert!(attention_overlay(images, &maps, 4, 4, &[(3, 3)]).is_ok());
+        assert!(attention_overlay(images, &maps, grid, &[(4, 0)]).is_err());
+        assert!(attention_overlay(images, &maps, grid, &[(3, 3)]).is_ok());
+        let pooled = MapGrid::square(16, 4);
+        assert!(attention_overlay(images, &maps, pooled, &[(3, 3)]).is_err());
+        assert!(attention_overlay(images, &maps[..64], pooled, &[(3, 3)]).is_ok());
     }
 
     #[test]

@@ -333,7 +333,7 @@ fn generator_matches_python_onnxruntime() {
     .unwrap();
     assert_eq!(generator.z_dim(), 8);
     assert_eq!((generator.channels(), generator.size()), (1, (4, 4)));
-    let out = generator.generate(&z, n).unwrap();
+    let out = generator.generate(&z, None, n).unwrap();
     assert_eq!(out.images.len(), expected.len());
     let max_diff = out
         .images

@@ -19,7 +19,8 @@ fn bin(name: &str) -> Command {
 }
 
 /// The EMA generator of a one-step run with every attention gamma set to 0.8, so that the
-/// attention path weighs in the comparison (after one step gamma is still ~1e-4).
+/// attention path weighs in the comparison (after one step gamma is still ~1e-4), and the
+/// class tables of conditional batch norms perturbed, so that every class differs.
 fn generator_with_strong_attention(run: &Path, dst: &Path) {
     let src = run.join("checkpoints/step-00000001/generator_ema.safetensors");
     let (tensors, meta) = checkpoint::load(&src, &candle_core::Device::Cpu).unwrap();
@@ -27,6 +28,14 @@ fn generator_with_strong_attention(run: &Path, dst: &Path) {
     for (name, tensor) in tensors.iter_mut() {
         if name.ends_with(".gamma") {
             *tensor = candle_core::Tensor::new(&[0.8f32], &candle_core::Device::Cpu).unwrap();
+        }
+        if name.contains(".norm") && (name.ends_with(".gain") || name.ends_with(".bias")) {
+            let n = tensor.elem_count();
+            let noise = sagan::rng::normal_vec(&mut sagan::rng::stream(7, n as u64), n);
+            let noise =
+                candle_core::Tensor::from_vec(noise, tensor.shape(), &candle_core::Device::Cpu)
+                    .unwrap();
+            *tensor = (&*tensor + (noise * 0.3).unwrap()).unwrap();
         }
     }
     checkpoint::save(dst, &tensors, &meta).unwrap();
@@ -36,7 +45,14 @@ fn generator_with_strong_attention(run: &Path, dst: &Path) {
 fn onnx_runtime_reproduces_candle_within_1e5_for_every_preset() {
     let runtime = Runtime::init(&LibrarySearch::from_process(Some(ort_lib()), false)).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    for preset in ["sagan-mnist28", "dcgan-mnist28", "sagan64", "dcgan64"] {
+    for preset in [
+        "sagan-mnist28",
+        "dcgan-mnist28",
+        "sagan64",
+        "dcgan64",
+        "sagan-cond-mnist32",
+        "sagan128",
+    ] {
         let run = dir.path().join(preset);
         train_one_step(&run, preset, &["--sample-every", "0"]);
         let checkpoint_file = dir.path().join(format!("{preset}.safetensors"));
@@ -57,13 +73,21 @@ fn onnx_runtime_reproduces_candle_within_1e5_for_every_preset() {
         let z_tensor =
             candle_core::Tensor::from_vec(z.clone(), (5, z_dim), &candle_core::Device::Cpu)
                 .unwrap();
+        // Conditional presets: five different classes, the first and last among them.
+        let num_classes = loaded.meta.model.num_classes;
+        let classes: Option<Vec<i64>> =
+            (num_classes > 0).then(|| (0..5).map(|i| (i * (num_classes - 1) / 4) as i64).collect());
+        let class_tensor = classes.as_ref().map(|c| {
+            let c: Vec<u32> = c.iter().map(|&k| k as u32).collect();
+            candle_core::Tensor::from_vec(c, 5, &candle_core::Device::Cpu).unwrap()
+        });
         let (image, maps) = loaded
             .generator
-            .forward_with_attention(&z_tensor, false)
+            .forward_with_attention(&z_tensor, class_tensor.as_ref(), false)
             .unwrap();
 
         let mut session = OrtGenerator::load(runtime, &onnx, &LoadOptions::default()).unwrap();
-        let generated = session.generate(&z, 5).unwrap();
+        let generated = session.generate(&z, classes.as_deref(), 5).unwrap();
         let max_diff = |a: &[f32], b: &candle_core::Tensor| {
             let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(a.len(), b.len());
@@ -87,6 +111,25 @@ fn onnx_runtime_reproduces_candle_within_1e5_for_every_preset() {
             );
         }
         println!("{preset}: image {image_diff:.2e}");
+        if num_classes > 0 {
+            // The class input is not ignored: another class gives another image.
+            let other: Vec<i64> = classes
+                .iter()
+                .flatten()
+                .map(|k| (k + 1) % num_classes as i64)
+                .collect();
+            let moved = session.generate(&z, Some(&other), 5).unwrap();
+            let change = generated
+                .images
+                .iter()
+                .zip(&moved.images)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                change > 1e-3,
+                "{preset}: the class input changes nothing ({change})"
+            );
+        }
     }
 }
 

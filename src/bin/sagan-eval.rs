@@ -293,6 +293,12 @@ fn run(args: &Args) -> Result<()> {
         (Some(mean), Some(std)) => println!("IS: {mean:.4} +- {std:.4} ({} splits)", args.splits),
         _ => println!("IS: n/a (the feature network has no logits)"),
     }
+    if let Some(accuracy) = report.class_accuracy {
+        println!(
+            "class accuracy: {:.2}% (images the feature network assigns to the class they were generated for)",
+            100.0 * accuracy
+        );
+    }
     if let Some(path) = &args.json {
         let json = JsonReport {
             model: args.model.as_deref(),

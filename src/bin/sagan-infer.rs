@@ -37,6 +37,11 @@ Examples:
   # latency and throughput, batches of 32, 4 threads
   sagan-infer --bench --batch 32 --threads 4
 
+  # a class-conditional model (e.g. sagan-cond-mnist32): one class per grid row by default;
+  # 10 rows of 8 for the ten digits, or every image a 7
+  sagan-infer --model digits.onnx --count 80 --columns 8
+  sagan-infer --model digits.onnx --class 7
+
   # a generator from elsewhere: one float input [batch, z], one [batch, C, H, W] output
   sagan-infer --model other.onnx --z-dim 128
 
@@ -84,6 +89,15 @@ struct Args {
     /// [default: 8].
     #[arg(long, value_name = "N")]
     count: Option<usize>,
+
+    /// Images per grid row [default: the square root of the count; with --interpolate, the steps].
+    #[arg(long, value_name = "N")]
+    columns: Option<usize>,
+
+    /// Class-conditional models: the class of every image, or a comma-separated list taken
+    /// row by row (row r gets the (r mod len)-th) [default: row r gets class r].
+    #[arg(long, value_name = "K[,K...]", value_delimiter = ',')]
+    class: Vec<i64>,
 
     /// Images per run of the model [default: min(count, 64)].
     #[arg(long, value_name = "N")]
@@ -156,21 +170,21 @@ fn parse_batch_profile(s: &str) -> std::result::Result<[usize; 3], String> {
 
 /// Images to draw, in grid order.
 enum Plan {
-    Samples { count: usize },
+    Samples { count: usize, columns: usize },
     Interpolation { keyframes: usize, steps: usize },
 }
 
 impl Plan {
     fn images(&self) -> usize {
         match *self {
-            Plan::Samples { count } => count,
+            Plan::Samples { count, .. } => count,
             Plan::Interpolation { keyframes, steps } => (keyframes - 1) * steps,
         }
     }
 
     fn columns(&self) -> usize {
         match *self {
-            Plan::Samples { count } => (count as f64).sqrt().ceil() as usize,
+            Plan::Samples { columns, .. } => columns,
             Plan::Interpolation { steps, .. } => steps,
         }
     }
@@ -227,8 +241,10 @@ fn run(args: &Args, start: Instant) -> Result<()> {
     eprintln!("{}", describe(&generator, runtime));
 
     let z = plan_latents(args, &plan, generator.z_dim())?;
+    let classes = plan_classes(args, &plan, generator.num_classes())
+        .with_context(|| args.model.display().to_string())?;
     if args.bench {
-        return bench(&mut generator, &z, batch, args);
+        return bench(&mut generator, &z, classes.as_deref(), batch, args);
     }
 
     let n = plan.images();
@@ -238,7 +254,8 @@ fn run(args: &Args, start: Instant) -> Result<()> {
     let mut all: Option<Generated> = None;
     for (b, chunk) in z.chunks(batch * z_dim).enumerate() {
         let m = chunk.len() / z_dim;
-        let out = generator.generate(chunk, m)?;
+        let chunk_classes = classes.as_ref().map(|c| &c[b * batch..b * batch + m]);
+        let out = generator.generate(chunk, chunk_classes, m)?;
         if args.png_each {
             let images = ImageBatch::new(&out.images, m, out.channels, out.height, out.width)?;
             for i in 0..m {
@@ -287,13 +304,13 @@ fn run(args: &Args, start: Instant) -> Result<()> {
             all.width,
         )?;
         for (k, maps) in all.attention.iter().enumerate() {
-            let side = maps.side;
+            let (side, _) = maps.grid.queries;
+            let per_image = maps.maps.len() / all.n;
             let queries = image_io::default_queries(side, side, 4);
             let overlay = image_io::attention_overlay(
                 subset,
-                &maps.maps[..shown * side.pow(4)],
-                side,
-                side,
+                &maps.maps[..shown * per_image],
+                maps.grid,
                 &queries,
             )?;
             let path = args.out.join(format!("{stem}-attention{k}.png"));
@@ -323,11 +340,20 @@ fn plan(args: &Args) -> Result<Plan> {
             if count == 0 {
                 bail!("--count must be at least 1");
             }
-            Ok(Plan::Samples { count })
+            let columns = args
+                .columns
+                .unwrap_or((count as f64).sqrt().ceil() as usize);
+            if columns == 0 {
+                bail!("--columns must be at least 1");
+            }
+            Ok(Plan::Samples { count, columns })
         }
         Some(steps) => {
             if steps < 2 {
                 bail!("--interpolate needs at least 2 steps (both ends), got {steps}");
+            }
+            if args.columns.is_some() {
+                bail!("--columns does not apply to --interpolate (one row per segment)");
             }
             let keyframes = args.count.unwrap_or(8);
             if keyframes < 2 {
@@ -336,6 +362,34 @@ fn plan(args: &Args) -> Result<Plan> {
             Ok(Plan::Interpolation { keyframes, steps })
         }
     }
+}
+
+/// The class of every image of the plan for a model with `num_classes` classes (None for an
+/// unconditional one): --class row by row, else row r gets class r.
+fn plan_classes(args: &Args, plan: &Plan, num_classes: usize) -> Result<Option<Vec<i64>>> {
+    if num_classes == 0 {
+        if !args.class.is_empty() {
+            bail!("the model is unconditional: --class does not apply");
+        }
+        return Ok(None);
+    }
+    if let Some(bad) = args
+        .class
+        .iter()
+        .find(|&&c| c < 0 || c as usize >= num_classes)
+    {
+        bail!(
+            "--class {bad} is out of range: the model has {num_classes} classes (0..{num_classes})"
+        );
+    }
+    let columns = plan.columns();
+    let row_class = |row: usize| match args.class.as_slice() {
+        [] => (row % num_classes) as i64,
+        list => list[row % list.len()],
+    };
+    Ok(Some(
+        (0..plan.images()).map(|i| row_class(i / columns)).collect(),
+    ))
 }
 
 /// All latents of the plan, `[images, z_dim]`.
@@ -347,7 +401,7 @@ fn plan_latents(args: &Args, plan: &Plan, z_dim: usize) -> Result<Vec<f32>> {
         })
     };
     match *plan {
-        Plan::Samples { count } => draw(args.seed, count),
+        Plan::Samples { count, .. } => draw(args.seed, count),
         Plan::Interpolation { keyframes, steps } => {
             let mode = match args.interp_mode {
                 InterpArg::Slerp => Interpolation::Spherical,
@@ -403,15 +457,25 @@ fn describe(g: &Generator, runtime: &Runtime) -> String {
         _ => "plain generator".to_string(),
     };
     let (h, w) = g.size();
-    let attention = match g.attention_sides() {
+    let attention = match g.attention_grids() {
         [] => String::new(),
-        sides => {
-            let maps: Vec<String> = sides.iter().map(|s| format!("{s}x{s}")).collect();
+        grids => {
+            let maps: Vec<String> = grids
+                .iter()
+                .map(|g| match (g.queries, g.keys) {
+                    ((qh, qw), keys) if keys == (qh, qw) => format!("{qh}x{qw}"),
+                    ((qh, qw), (kh, kw)) => format!("{qh}x{qw} (keys {kh}x{kw})"),
+                })
+                .collect();
             format!(", attention maps {}", maps.join(" "))
         }
     };
+    let classes = match g.num_classes() {
+        0 => String::new(),
+        k => format!(", {k} classes"),
+    };
     format!(
-        "{}: {origin}, z {}, image {}x{h}x{w}{attention}; provider {}; ONNX Runtime {}",
+        "{}: {origin}, z {}{classes}, image {}x{h}x{w}{attention}; provider {}; ONNX Runtime {}",
         g.path().display(),
         g.z_dim(),
         g.channels(),
@@ -421,7 +485,13 @@ fn describe(g: &Generator, runtime: &Runtime) -> String {
 }
 
 /// Warm-up (first runs allocate, and TensorRT builds its engine), then timed runs of one batch.
-fn bench(generator: &mut Generator, z: &[f32], batch: usize, args: &Args) -> Result<()> {
+fn bench(
+    generator: &mut Generator,
+    z: &[f32],
+    classes: Option<&[i64]>,
+    batch: usize,
+    args: &Args,
+) -> Result<()> {
     const WARMUP: usize = 3;
     if args.bench_runs == 0 {
         bail!("--bench-runs must be at least 1");
@@ -429,13 +499,17 @@ fn bench(generator: &mut Generator, z: &[f32], batch: usize, args: &Args) -> Res
     let z_dim = generator.z_dim();
     // The plan may hold fewer latents than a batch; cycle them to fill it.
     let z: Vec<f32> = z.iter().copied().cycle().take(batch * z_dim).collect();
+    let classes: Option<Vec<i64>> =
+        classes.map(|c| c.iter().copied().cycle().take(batch).collect());
     for _ in 0..WARMUP {
-        generator.generate(&z, batch).context("warm-up run")?;
+        generator
+            .generate(&z, classes.as_deref(), batch)
+            .context("warm-up run")?;
     }
     let mut samples = Vec::with_capacity(args.bench_runs);
     for _ in 0..args.bench_runs {
         let t = Instant::now();
-        generator.generate(&z, batch)?;
+        generator.generate(&z, classes.as_deref(), batch)?;
         samples.push(t.elapsed());
     }
     let Some(s) = LatencySummary::new(&samples, batch) else {

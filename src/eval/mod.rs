@@ -124,6 +124,9 @@ pub struct EvalReport {
     /// Inception score (mean and standard deviation over the splits); `None` without logits.
     pub is_mean: Option<f64>,
     pub is_std: Option<f64>,
+    /// For a class-conditional generator evaluated with a classifier over the same classes:
+    /// the fraction of images the classifier assigns to the class they were generated for.
+    pub class_accuracy: Option<f64>,
 }
 
 impl EvalReport {
@@ -136,8 +139,38 @@ impl EvalReport {
             fid: frechet_distance(real, &images.stats)?,
             is_mean: score.map(|s| s.mean),
             is_std: score.map(|s| s.std),
+            class_accuracy: None,
         })
     }
+}
+
+/// The class image `i` of a conditional evaluation is generated for: every class in turn, so
+/// all are represented equally.
+pub fn requested_class(i: usize, num_classes: usize) -> i64 {
+    (i % num_classes) as i64
+}
+
+/// The fraction of images whose logits' argmax is [`requested_class`]; `None` unless the
+/// network has logits over exactly `num_classes` classes.
+pub fn class_accuracy(images: &FeatureSummary, num_classes: usize) -> Option<f64> {
+    let logits = images.logits.as_ref()?;
+    if num_classes == 0 || images.classes != num_classes {
+        return None;
+    }
+    let rows = logits.chunks(num_classes);
+    let n = rows.len();
+    let hits = rows
+        .enumerate()
+        .filter(|(i, row)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(k, _)| k as i64);
+            best == Some(requested_class(*i, num_classes))
+        })
+        .count();
+    Some(hits as f64 / n.max(1) as f64)
 }
 
 /// Runs `count` images through `net`, `batch` at a time, and summarises the features.
@@ -194,9 +227,15 @@ pub fn summarise_generator(
     let z = latents(options.seed, options.count, z_dim);
     let (h, w) = generator.size();
     let shape = [generator.channels(), h, w];
+    let k = generator.num_classes();
     summarise(net, options.count, options.batch, shape, |range, out| {
-        let generated =
-            generator.generate(&z[range.start * z_dim..range.end * z_dim], range.len())?;
+        let classes: Option<Vec<i64>> =
+            (k > 0).then(|| range.clone().map(|i| requested_class(i, k)).collect());
+        let generated = generator.generate(
+            &z[range.start * z_dim..range.end * z_dim],
+            classes.as_deref(),
+            range.len(),
+        )?;
         out.extend(generated.images);
         Ok(())
     })
@@ -210,5 +249,7 @@ pub fn evaluate(
     options: &EvalOptions,
 ) -> InferResult<EvalReport> {
     let generated = summarise_generator(generator, net, options)?;
-    EvalReport::new(real, &generated, options.splits)
+    let mut report = EvalReport::new(real, &generated, options.splits)?;
+    report.class_accuracy = class_accuracy(&generated, generator.num_classes());
+    Ok(report)
 }

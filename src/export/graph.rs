@@ -54,6 +54,15 @@ pub fn attr_float(name: &str, value: f32) -> AttributeProto {
     }
 }
 
+pub fn attr_string(name: &str, value: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: value.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
 fn value_info(name: &str, elem_type: DataType, shape: &[Dim]) -> ValueInfoProto {
     let dim = shape
         .iter()

@@ -6,12 +6,15 @@ pub mod graph;
 
 use crate::checkpoint::{self, Kind, Metadata, RunDir};
 use crate::config::{Activation, ModelConfig};
-use crate::model::{ConvKind, Generator, Layer, SNConv2d, SelfAttention};
+use crate::infer::CLASS_INPUT;
+use crate::model::{
+    ClassBatchNorm, ConvKind, Generator, GeneratorBlock, Layer, SNConv2d, SNLinear, SelfAttention,
+};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::{BatchNorm, VarMap};
 use candle_onnx::onnx::{tensor_proto::DataType, ModelProto};
-use graph::{attr_float, attr_int, attr_ints, batched, GraphBuilder};
+use graph::{attr_float, attr_int, attr_ints, attr_string, batched, GraphBuilder};
 use prost::Message;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -103,17 +106,146 @@ impl Emitter<'_> {
         let y = self
             .b
             .node(op, &[x, &w, &bias_name], attrs, batched(&out_shape));
-        Ok(match act {
-            Activation::None => y,
-            Activation::Relu => self.b.node("Relu", &[&y], vec![], batched(&out_shape)),
-            Activation::Tanh => self.b.node("Tanh", &[&y], vec![], batched(&out_shape)),
+        Ok(self.activation(&y, act, out_shape))
+    }
+
+    fn activation(&mut self, x: &str, act: Activation, shape: [usize; 3]) -> String {
+        match act {
+            Activation::None => x.to_string(),
+            Activation::Relu => self.b.node("Relu", &[x], vec![], batched(&shape)),
+            Activation::Tanh => self.b.node("Tanh", &[x], vec![], batched(&shape)),
             Activation::LeakyRelu => self.b.node(
                 "LeakyRelu",
-                &[&y],
+                &[x],
                 vec![attr_float("alpha", self.leaky_slope as f32)],
-                batched(&out_shape),
+                batched(&shape),
             ),
-        })
+        }
+    }
+
+    /// The linear map of the flattened input, reshaped to `out_shape`.
+    fn linear(&mut self, x: &str, linear: &SNLinear, out_shape: [usize; 3]) -> Result<String> {
+        let weight = linear.spectral_norm().weight(false)?.t()?; // [in, out]
+        let (inputs, outputs) = weight.dims2()?;
+        let w = self
+            .b
+            .float_const("weight", &[inputs, outputs], &values(&weight)?);
+        let bias = self
+            .b
+            .float_const("bias", &[outputs], &values(linear.bias())?);
+        let flat = self.b.node(
+            "Flatten",
+            &[x],
+            vec![attr_int("axis", 1)],
+            batched(&[inputs]),
+        );
+        let y = self
+            .b
+            .node("MatMul", &[&flat, &w], vec![], batched(&[outputs]));
+        let y = self
+            .b
+            .node("Add", &[&y, &bias], vec![], batched(&[outputs]));
+        let [c, h, w] = out_shape;
+        let shape = self
+            .b
+            .int64_const("shape", &[-1, c as i64, h as i64, w as i64]);
+        Ok(self
+            .b
+            .node("Reshape", &[&y, &shape], vec![], batched(&out_shape)))
+    }
+
+    /// Batch norm with running statistics as a per-channel (or, conditional, per-class and
+    /// channel, looked up from `class`) scale and shift.
+    fn norm(&mut self, x: &str, norm: &ClassBatchNorm, shape: [usize; 3]) -> Result<String> {
+        let bn = norm.batch_norm();
+        let inv_std = (bn.running_var() + bn.eps())?.sqrt()?.recip()?;
+        let c = shape[0];
+        let (scale, shift) = match (norm.class_tables(), bn.weight_and_bias()) {
+            (Some((gain, bias)), _) => {
+                // (x - mean) * inv_std * gain[k] + bias[k], per class k.
+                let scale = gain.broadcast_mul(&inv_std.unsqueeze(0)?)?;
+                let shift = (bias - scale.broadcast_mul(&bn.running_mean().unsqueeze(0)?)?)?;
+                let classes = scale.dim(0)?;
+                let gather = |b: &mut GraphBuilder, table: &Tensor| -> Result<String> {
+                    let table = b.float_const("class_table", &[classes, c], &values(table)?);
+                    let rows = b.node(
+                        "Gather",
+                        &[&table, CLASS_INPUT],
+                        vec![attr_int("axis", 0)],
+                        batched(&[c]),
+                    );
+                    let as_map = b.int64_const("shape", &[-1, c as i64, 1, 1]);
+                    Ok(b.node("Reshape", &[&rows, &as_map], vec![], batched(&[c, 1, 1])))
+                };
+                (gather(&mut self.b, &scale)?, gather(&mut self.b, &shift)?)
+            }
+            (None, Some((gamma, beta))) => {
+                let scale = (gamma * &inv_std)?;
+                let shift = (beta - (bn.running_mean() * &scale)?)?;
+                (
+                    self.b.float_const("scale", &[1, c, 1, 1], &values(&scale)?),
+                    self.b.float_const("shift", &[1, c, 1, 1], &values(&shift)?),
+                )
+            }
+            (None, None) => {
+                let shift = (bn.running_mean() * &inv_std)?.neg()?;
+                (
+                    self.b
+                        .float_const("scale", &[1, c, 1, 1], &values(&inv_std)?),
+                    self.b.float_const("shift", &[1, c, 1, 1], &values(&shift)?),
+                )
+            }
+        };
+        let y = self.b.node("Mul", &[x, &scale], vec![], batched(&shape));
+        Ok(self.b.node("Add", &[&y, &shift], vec![], batched(&shape)))
+    }
+
+    /// 2x nearest upsampling, in the Resize form every runtime (and candle-onnx) evaluates.
+    fn upsample2(&mut self, x: &str, [c, h, w]: [usize; 3]) -> String {
+        let scales = self.b.float_const("scales", &[4], &[1.0, 1.0, 2.0, 2.0]);
+        self.b.node(
+            "Resize",
+            &[x, "", &scales],
+            vec![
+                attr_string("mode", "nearest"),
+                attr_string("coordinate_transformation_mode", "asymmetric"),
+                attr_string("nearest_mode", "floor"),
+            ],
+            batched(&[c, 2 * h, 2 * w]),
+        )
+    }
+
+    /// The residual block, op for op as `GeneratorBlock::forward`.
+    fn generator_block(
+        &mut self,
+        x: &str,
+        block: &GeneratorBlock,
+        in_shape: [usize; 3],
+        out_shape: [usize; 3],
+    ) -> Result<String> {
+        let [norm1, norm2] = block.norms();
+        let [conv1, conv2] = block.convs();
+        let [_, hin, win] = in_shape;
+        let h = self.norm(x, norm1, in_shape)?;
+        let mut h = self.activation(&h, Activation::Relu, in_shape);
+        let mut skip = x.to_string();
+        let mut skip_shape = in_shape;
+        if let Some(conv) = block.shortcut() {
+            skip_shape = [out_shape[0], hin, win];
+            skip = self.conv1x1(x, conv, skip_shape)?;
+        }
+        if block.upsamples() {
+            h = self.upsample2(&h, in_shape);
+            skip = self.upsample2(&skip, skip_shape);
+        }
+        let mid = [out_shape[0], out_shape[1], out_shape[2]];
+        let h = self.conv(&h, conv1, None, Activation::None, mid)?;
+        let h = self.norm(&h, norm2, mid)?;
+        let h = self.activation(&h, Activation::Relu, mid);
+        let h = self.conv(&h, conv2, None, Activation::None, out_shape)?;
+        Ok(self
+            .b
+            .node("Add", &[&h, &skip], vec![], batched(&out_shape)))
     }
 
     fn conv1x1(&mut self, x: &str, conv: &SNConv2d, shape: [usize; 3]) -> Result<String> {
@@ -127,49 +259,72 @@ impl Emitter<'_> {
         attn: &SelfAttention,
         [c, h, w]: [usize; 3],
     ) -> Result<String> {
-        let (n, c8) = (h * w, attn.query().bias().dim(0)?);
+        let (n, c8, cv) = (
+            h * w,
+            attn.query().bias().dim(0)?,
+            attn.value().bias().dim(0)?,
+        );
         let q = self.conv1x1(x, attn.query(), [c8, h, w])?;
-        let k = self.conv1x1(x, attn.key(), [c8, h, w])?;
-        let v = self.conv1x1(x, attn.value(), [c, h, w])?;
-        let flat_c8 = self.b.int64_const("shape", &[-1, c8 as i64, n as i64]);
-        let flat_c = self.b.int64_const("shape", &[-1, c as i64, n as i64]);
-        let q = self
-            .b
-            .node("Reshape", &[&q, &flat_c8], vec![], batched(&[c8, n]));
-        let k = self
-            .b
-            .node("Reshape", &[&k, &flat_c8], vec![], batched(&[c8, n]));
-        let v = self
-            .b
-            .node("Reshape", &[&v, &flat_c], vec![], batched(&[c, n]));
+        let mut k = self.conv1x1(x, attn.key(), [c8, h, w])?;
+        let mut v = self.conv1x1(x, attn.value(), [cv, h, w])?;
+        let (kh, kw) = match attn.is_pooled() {
+            true => (h / 2, w / 2),
+            false => (h, w),
+        };
+        let m = kh * kw;
+        if attn.is_pooled() {
+            let pool = |b: &mut GraphBuilder, t: &str, ch: usize| {
+                b.node(
+                    "MaxPool",
+                    &[t],
+                    vec![
+                        attr_ints("kernel_shape", &[2, 2]),
+                        attr_ints("strides", &[2, 2]),
+                    ],
+                    batched(&[ch, kh, kw]),
+                )
+            };
+            k = pool(&mut self.b, &k, c8);
+            v = pool(&mut self.b, &v, cv);
+        }
+        let flat = |b: &mut GraphBuilder, t: &str, ch: usize, len: usize| {
+            let shape = b.int64_const("shape", &[-1, ch as i64, len as i64]);
+            b.node("Reshape", &[t, &shape], vec![], batched(&[ch, len]))
+        };
+        let q = flat(&mut self.b, &q, c8, n);
+        let k = flat(&mut self.b, &k, c8, m);
+        let v = flat(&mut self.b, &v, cv, m);
         let qt = self.b.node(
             "Transpose",
             &[&q],
             vec![attr_ints("perm", &[0, 2, 1])],
             batched(&[n, c8]),
         );
-        let energy = self.b.node("MatMul", &[&qt, &k], vec![], batched(&[n, n]));
+        let energy = self.b.node("MatMul", &[&qt, &k], vec![], batched(&[n, m]));
         let attention = self.b.node(
             "Softmax",
             &[&energy],
             vec![attr_int("axis", -1)],
-            batched(&[n, n]),
+            batched(&[n, m]),
         );
         let attention_t = self.b.node(
             "Transpose",
             &[&attention],
             vec![attr_ints("perm", &[0, 2, 1])],
-            batched(&[n, n]),
+            batched(&[m, n]),
         );
         let o = self
             .b
-            .node("MatMul", &[&v, &attention_t], vec![], batched(&[c, n]));
+            .node("MatMul", &[&v, &attention_t], vec![], batched(&[cv, n]));
         let image_shape = self
             .b
-            .int64_const("shape", &[-1, c as i64, h as i64, w as i64]);
-        let o = self
+            .int64_const("shape", &[-1, cv as i64, h as i64, w as i64]);
+        let mut o = self
             .b
-            .node("Reshape", &[&o, &image_shape], vec![], batched(&[c, h, w]));
+            .node("Reshape", &[&o, &image_shape], vec![], batched(&[cv, h, w]));
+        if let Some(output) = attn.output() {
+            o = self.conv1x1(&o, output, [c, h, w])?;
+        }
         let gamma = self.b.float_const("gamma", &[1], &values(attn.gamma())?);
         let scaled = self
             .b
@@ -177,7 +332,7 @@ impl Emitter<'_> {
         if let Some(outputs) = self.attention_outputs.as_deref_mut() {
             let name = format!("attention_{}", outputs.len());
             self.b.rename(&attention, &name);
-            self.b.output(&name, batched(&[n, n]));
+            self.b.output(&name, batched(&[n, m]));
             outputs.push(name);
         }
         Ok(self
@@ -200,6 +355,9 @@ pub fn generator_to_onnx(
         attention_outputs: opts.attention_maps.then_some(&mut attention_outputs),
     };
     emitter.b.input("z", DataType::Float, batched(&[cfg.z_dim]));
+    if cfg.is_conditional() {
+        emitter.b.input(CLASS_INPUT, DataType::Int64, batched(&[]));
+    }
     let as_image = emitter
         .b
         .int64_const("shape", &[-1, cfg.z_dim as i64, 1, 1]);
@@ -210,15 +368,30 @@ pub fn generator_to_onnx(
         batched(&[cfg.z_dim, 1, 1]),
     );
     let shapes = cfg.generator.shapes((cfg.z_dim, 1, 1), "generator")?;
+    let mut in_shape = [cfg.z_dim, 1, 1];
     for (layer, &(c, h, w)) in generator.stack().layers().iter().zip(&shapes) {
+        let shape = [c, h, w];
         x = match layer {
             Layer::Conv {
                 conv,
                 batch_norm,
                 act,
-            } => emitter.conv(&x, conv, batch_norm.as_ref(), *act, [c, h, w])?,
-            Layer::Attention(attn) => emitter.attention(&x, attn, [c, h, w])?,
+            } => emitter.conv(&x, conv, batch_norm.as_ref(), *act, shape)?,
+            Layer::Attention(attn) => emitter.attention(&x, attn, shape)?,
+            Layer::Linear { linear, .. } => emitter.linear(&x, linear, shape)?,
+            Layer::GeneratorBlock(block) => emitter.generator_block(&x, block, in_shape, shape)?,
+            Layer::Norm { norm, act } => {
+                let y = emitter.norm(&x, norm, shape)?;
+                emitter.activation(&y, *act, shape)
+            }
+            Layer::DiscriminatorBlock(_) | Layer::ProjectionHead(_) => {
+                return Err(Error::Config(format!(
+                    "{}: discriminator layers cannot be exported in a generator",
+                    cfg.name
+                )))
+            }
         };
+        in_shape = shape;
     }
     let mut b = emitter.b;
     b.rename(&x, "image");
@@ -242,19 +415,34 @@ pub fn generator_to_onnx(
     Ok(model)
 }
 
-/// Evaluates `model` with candle-onnx on `z` [n, z_dim] (decomposing ConvTranspose, which its
-/// evaluator lacks), returning every output.
-pub fn evaluate(model: &ModelProto, z: &Tensor) -> Result<HashMap<String, Tensor>> {
+/// Evaluates `model` with candle-onnx on `z` [n, z_dim] and, for a conditional model, `classes`
+/// [n] (decomposing ConvTranspose, which its evaluator lacks), returning every output.
+pub fn evaluate(
+    model: &ModelProto,
+    z: &Tensor,
+    classes: Option<&Tensor>,
+) -> Result<HashMap<String, Tensor>> {
     let mut model = model.clone();
     decompose::decompose_conv_transpose(&mut model)?;
-    let inputs = HashMap::from([("z".to_string(), z.clone())]);
+    let mut inputs = HashMap::from([("z".to_string(), z.clone())]);
+    if let Some(classes) = classes {
+        inputs.insert(
+            CLASS_INPUT.to_string(),
+            classes.to_dtype(candle_core::DType::I64)?,
+        );
+    }
     Ok(candle_onnx::simple_eval(&model, inputs)?)
 }
 
-/// Max |candle - ONNX| over `image` and any attention outputs, for latents `z`.
-pub fn max_abs_diff(model: &ModelProto, generator: &Generator, z: &Tensor) -> Result<f32> {
-    let outputs = evaluate(model, z)?;
-    let (image, maps) = generator.forward_with_attention(z, false)?;
+/// Max |candle - ONNX| over `image` and any attention outputs, for latents `z` (and classes).
+pub fn max_abs_diff(
+    model: &ModelProto,
+    generator: &Generator,
+    z: &Tensor,
+    classes: Option<&Tensor>,
+) -> Result<f32> {
+    let outputs = evaluate(model, z, classes)?;
+    let (image, maps) = generator.forward_with_attention(z, classes, false)?;
     let mut expected = vec![("image".to_string(), image)];
     expected.extend(
         maps.into_iter()
@@ -373,6 +561,22 @@ pub fn verification_latents(n: usize, z_dim: usize, device: &Device) -> Result<T
     )?)
 }
 
+/// Classes the export of a conditional model is verified on: spread over the range, first
+/// and last included.
+pub fn verification_classes(
+    n: usize,
+    num_classes: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if num_classes == 0 {
+        return Ok(None);
+    }
+    let classes: Vec<u32> = (0..n)
+        .map(|i| (i * (num_classes - 1) / (n - 1).max(1)) as u32)
+        .collect();
+    Ok(Some(Tensor::from_vec(classes, n, device)?))
+}
+
 /// Exports the generator in `checkpoint` to `output`. The file is written to a temporary
 /// path, read back, evaluated against the candle generator, and only renamed into place if
 /// it reproduces it within [`EXPORT_TOLERANCE`].
@@ -391,6 +595,7 @@ pub fn export_checkpoint(
         ("sagan.z_dim".to_string(), cfg.z_dim.to_string()),
         ("sagan.channels".to_string(), cfg.channels.to_string()),
         ("sagan.image_size".to_string(), cfg.image_size.to_string()),
+        ("sagan.num_classes".to_string(), cfg.num_classes.to_string()),
         ("sagan.value_range".to_string(), "-1,1".to_string()),
         (
             "sagan.weights".to_string(),
@@ -404,6 +609,7 @@ pub fn export_checkpoint(
     let model = generator_to_onnx(&loaded.generator, cfg, metadata, opts)?;
     let bytes = model.encode_to_vec();
     let z = verification_latents(4, cfg.z_dim, &device)?;
+    let classes = verification_classes(4, cfg.num_classes, &device)?;
     let mut max_diff = 0.0;
     let at_output = |e: std::io::Error| Error::io(output, e);
     crate::fsutil::write_atomic_with(output, |tmp| {
@@ -413,7 +619,7 @@ pub fn export_checkpoint(
             path: output.to_path_buf(),
             msg: format!("the written model does not decode: {e}"),
         })?;
-        max_diff = max_abs_diff(&reread, &loaded.generator, &z)?;
+        max_diff = max_abs_diff(&reread, &loaded.generator, &z, classes.as_ref())?;
         if max_diff.is_finite() && max_diff <= EXPORT_TOLERANCE {
             Ok(())
         } else {
@@ -439,7 +645,6 @@ mod tests {
     use super::*;
     use crate::config::BUILTIN_PRESETS;
     use crate::rng::{seeded_var_builder, stream};
-    use candle_core::ModuleT;
 
     /// A generator with non-trivial state: SN vectors iterated, BN statistics moved, gammas set.
     fn trained_like(cfg: &ModelConfig) -> Generator {
@@ -447,8 +652,9 @@ mod tests {
         let g =
             Generator::new(seeded_var_builder(&varmap, stream(9, 1), &Device::Cpu), cfg).unwrap();
         let z = verification_latents(8, cfg.z_dim, &Device::Cpu).unwrap();
+        let classes = verification_classes(8, cfg.num_classes, &Device::Cpu).unwrap();
         for _ in 0..3 {
-            g.forward_t(&z, true).unwrap();
+            g.forward(&z, classes.as_ref(), true).unwrap();
         }
         let data = varmap.data().lock().unwrap();
         for (name, var) in data.iter() {
@@ -456,14 +662,41 @@ mod tests {
                 var.set(&Tensor::new(&[0.8f32], &Device::Cpu).unwrap())
                     .unwrap();
             }
+            // Class tables away from their initial 1 and 0, so each class differs.
+            if name.ends_with(".gain") || name.ends_with(".bias") && name.contains("norm") {
+                let n = var.elem_count();
+                let noise = crate::rng::normal_vec(&mut stream(10, n as u64), n);
+                let noise = Tensor::from_vec(noise, var.shape(), &Device::Cpu).unwrap();
+                var.set(&(var.as_tensor() + (noise * 0.3).unwrap()).unwrap())
+                    .unwrap();
+            }
         }
         g
     }
 
+    /// The built-in presets but sagan128 (too big for a unit test: the integration tests cover
+    /// it), and sagan-cond-mnist32 with plain attention as well as its own pooled one.
+    fn presets_under_test() -> Vec<ModelConfig> {
+        let mut presets: Vec<ModelConfig> = BUILTIN_PRESETS
+            .iter()
+            .filter(|(name, _)| *name != "sagan128")
+            .map(|(name, _)| ModelConfig::resolve(name).unwrap())
+            .collect();
+        let mut plain = ModelConfig::resolve("sagan-cond-mnist32").unwrap();
+        for layer in &mut plain.generator.layers {
+            if let crate::config::LayerConfig::Attention(a) = layer {
+                a.pooled = false;
+            }
+        }
+        plain.name = "sagan-cond-mnist32-plain".into();
+        presets.push(plain);
+        presets
+    }
+
     #[test]
     fn decomposed_export_matches_candle_within_1e5_for_every_preset() {
-        for (name, _) in BUILTIN_PRESETS {
-            let cfg = ModelConfig::resolve(name).unwrap();
+        for cfg in presets_under_test() {
+            let name = &cfg.name;
             let g = trained_like(&cfg);
             let opts = ExportOptions {
                 attention_maps: true,
@@ -478,14 +711,15 @@ mod tests {
                 .iter()
                 .all(|n| n.op_type != "ConvTranspose"));
             let z = verification_latents(3, cfg.z_dim, &Device::Cpu).unwrap();
-            let diff = max_abs_diff(&model, &g, &z).unwrap();
+            let classes = verification_classes(3, cfg.num_classes, &Device::Cpu).unwrap();
+            let diff = max_abs_diff(&model, &g, &z, classes.as_ref()).unwrap();
             assert!(diff <= 1e-5, "{name}: max abs diff {diff}");
-            let outputs = evaluate(&model, &z).unwrap();
+            let outputs = evaluate(&model, &z, classes.as_ref()).unwrap();
             let attention = cfg
                 .generator
                 .layers
                 .iter()
-                .filter(|l| matches!(l, crate::config::LayerConfig::Attention))
+                .filter(|l| matches!(l, crate::config::LayerConfig::Attention(_)))
                 .count();
             assert_eq!(outputs.len(), 1 + attention, "{name}");
         }

@@ -1,18 +1,24 @@
 //! A generator exported to ONNX, loaded into an ONNX Runtime session.
 //!
-//! The contract (what sagan-export writes): input `z` float32 `[batch, z_dim]`, output `image`
-//! float32 `[batch, C, H, W]` in [-1, 1], optional outputs `attention_<i>` float32
-//! `[batch, N, N]`, and `sagan.*` metadata. A plain generator (one float `[batch, z]` input, one
-//! 4-D output, no metadata) is accepted when its z size is known.
+//! The contract (what sagan-export writes): input `z` float32 `[batch, z_dim]`, for a
+//! class-conditional model also `class` int64 `[batch]` (with `sagan.num_classes` metadata),
+//! output `image` float32 `[batch, C, H, W]` in [-1, 1], optional outputs `attention_<i>`
+//! float32 `[batch, N, M]` (M = N, or N/4 with pooled keys), and `sagan.*` metadata. A plain
+//! generator (one float `[batch, z]` input, one 4-D output, no metadata) is accepted when its
+//! z size is known.
 
 use super::metadata::SaganMetadata;
 use super::runtime::Runtime;
 use super::{InferError, InferResult, INSTALL_GPU};
+use crate::image_io::MapGrid;
 use ort::ep::{self, ExecutionProviderDispatch};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionOutputs};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 use std::collections::BTreeMap;
+
+/// The class input of a class-conditional export.
+pub const CLASS_INPUT: &str = "class";
 use std::path::{Path, PathBuf};
 
 /// Options of the TensorRT execution provider.
@@ -51,11 +57,11 @@ impl Provider {
 
     /// The providers to register, every one strict (`error_on_failure`): ort's default is to
     /// log and quietly run on the CPU, which would make `--provider cuda` a lie.
-    /// `batch_input` names a 2-D input with a symbolic batch, [batch, width], for TensorRT's
-    /// optimisation profile.
+    /// `batch_inputs` are the inputs with a symbolic batch and their other dimensions, for
+    /// TensorRT's optimisation profile.
     pub(crate) fn dispatches(
         &self,
-        batch_input: Option<(&str, usize)>,
+        batch_inputs: &[(&str, &[usize])],
     ) -> InferResult<Vec<ExecutionProviderDispatch>> {
         Ok(match self {
             Provider::Cpu => Vec::new(),
@@ -81,10 +87,21 @@ impl Provider {
                         .with_timing_cache_path(&dir);
                 }
                 // A profile only makes sense for a symbolic batch dimension.
-                if let (Some([min, opt, max]), Some((input, width))) =
-                    (trt.batch_profile, batch_input)
+                if let (Some([min, opt, max]), false) = (trt.batch_profile, batch_inputs.is_empty())
                 {
-                    let shape = |b: usize| format!("{input}:{b}x{width}");
+                    let shape = |b: usize| {
+                        let per_input: Vec<String> = batch_inputs
+                            .iter()
+                            .map(|(name, rest)| {
+                                let dims: Vec<String> = std::iter::once(b)
+                                    .chain(rest.iter().copied())
+                                    .map(|d| d.to_string())
+                                    .collect();
+                                format!("{name}:{}", dims.join("x"))
+                            })
+                            .collect();
+                        per_input.join(",")
+                    };
                     provider = provider
                         .with_profile_min_shapes(shape(min))
                         .with_profile_opt_shapes(shape(opt))
@@ -139,12 +156,21 @@ pub struct Generated {
     pub attention: Vec<AttentionMaps>,
 }
 
-/// One self-attention layer's maps: `[n, N, N]` with N = side², row = query position.
+/// One self-attention layer's maps: `[n, N, M]` over the query and key grids, row = query
+/// position.
 #[derive(Clone, Debug)]
 pub struct AttentionMaps {
     pub name: String,
-    pub side: usize,
+    pub grid: MapGrid,
     pub maps: Vec<f32>,
+}
+
+impl AttentionMaps {
+    /// Values per image.
+    fn per_image(&self) -> usize {
+        let ((qh, qw), (kh, kw)) = (self.grid.queries, self.grid.keys);
+        qh * qw * kh * kw
+    }
 }
 
 /// A validated generator session.
@@ -154,6 +180,9 @@ pub struct Generator {
     provider: &'static str,
     metadata: SaganMetadata,
     z_input: String,
+    /// The int64 [batch] class input of a class-conditional model.
+    class_input: Option<String>,
+    num_classes: usize,
     image_output: String,
     attention_outputs: Vec<String>,
     z_dim: usize,
@@ -162,7 +191,7 @@ pub struct Generator {
     fixed_batch: Option<usize>,
     /// (channels, height, width).
     image_shape: [usize; 3],
-    attention_sides: Vec<usize>,
+    attention_grids: Vec<MapGrid>,
 }
 
 impl std::fmt::Debug for Generator {
@@ -172,7 +201,8 @@ impl std::fmt::Debug for Generator {
             .field("provider", &self.provider)
             .field("z_dim", &self.z_dim)
             .field("image_shape", &self.image_shape)
-            .field("attention_sides", &self.attention_sides)
+            .field("num_classes", &self.num_classes)
+            .field("attention_grids", &self.attention_grids)
             .finish_non_exhaustive()
     }
 }
@@ -181,12 +211,15 @@ impl std::fmt::Debug for Generator {
 struct Signature {
     z_input: String,
     z_dim: usize,
+    /// The class input and the number of classes, for a class-conditional model.
+    class_input: Option<(String, usize)>,
     fixed_batch: Option<usize>,
     image_output: String,
     /// Declared (channels, height, width); `None` where symbolic and not in the metadata.
     image_shape: [Option<usize>; 3],
     attention_outputs: Vec<String>,
-    attention_n: Vec<Option<usize>>,
+    /// Declared (queries, keys) of each attention output.
+    attention_n: Vec<(Option<usize>, Option<usize>)>,
 }
 
 impl Generator {
@@ -239,21 +272,26 @@ impl Generator {
             provider,
             metadata,
             z_input: signature.z_input,
+            num_classes: signature.class_input.as_ref().map_or(0, |c| c.1),
+            class_input: signature.class_input.map(|c| c.0),
             image_output: signature.image_output,
             attention_outputs: signature.attention_outputs,
             z_dim: signature.z_dim,
             fixed_batch: signature.fixed_batch,
             image_shape: [0; 3],
-            attention_sides: Vec::new(),
+            attention_grids: Vec::new(),
         };
         let declared = signature.image_shape;
         let mut attention_n = signature.attention_n;
-        if let ([Some(c), Some(h), Some(w)], true) =
-            (declared, attention_n.iter().all(Option::is_some))
-        {
+        if let ([Some(c), Some(h), Some(w)], true) = (
+            declared,
+            attention_n.iter().all(|(q, k)| q.is_some() && k.is_some()),
+        ) {
             generator.image_shape = [c, h, w];
         } else {
-            let probe = generator.run_checked(&vec![0.0; generator.z_dim], 1)?;
+            let classes = generator.class_input.as_ref().map(|_| vec![0i64]);
+            let probe =
+                generator.run_checked(&vec![0.0; generator.z_dim], classes.as_deref(), 1)?;
             let found = [probe.channels, probe.height, probe.width];
             for (i, (d, f)) in declared.iter().zip(found).enumerate() {
                 if d.is_some_and(|d| d != f) {
@@ -267,13 +305,16 @@ impl Generator {
             }
             generator.image_shape = found;
             for (n, maps) in attention_n.iter_mut().zip(&probe.attention) {
-                *n = Some(maps.side * maps.side);
+                let ((qh, qw), (kh, kw)) = (maps.grid.queries, maps.grid.keys);
+                *n = (Some(qh * qw), Some(kh * kw));
             }
         }
-        generator.attention_sides = attention_n
+        generator.attention_grids = attention_n
             .iter()
             .zip(&generator.attention_outputs)
-            .map(|(n, name)| square_side(n.unwrap_or_default(), name).map_err(model_err))
+            .map(|(&(q, k), name)| {
+                map_grid(q.unwrap_or_default(), k.unwrap_or_default(), name).map_err(model_err)
+            })
             .collect::<InferResult<_>>()?;
         let [c, ..] = generator.image_shape;
         if c != 1 && c != 3 {
@@ -312,9 +353,14 @@ impl Generator {
         (self.image_shape[1], self.image_shape[2])
     }
 
-    /// Side of each attention output's square feature map, in output order.
-    pub fn attention_sides(&self) -> &[usize] {
-        &self.attention_sides
+    /// The query and key grids of each attention output, in output order.
+    pub fn attention_grids(&self) -> &[MapGrid] {
+        &self.attention_grids
+    }
+
+    /// Classes of a class-conditional model; 0 for an unconditional one.
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
     }
 
     pub fn attention_outputs(&self) -> usize {
@@ -327,7 +373,14 @@ impl Generator {
     }
 
     /// Runs `n` latents (`z` is `[n, z_dim]` row-major) and returns images and attention maps.
-    pub fn generate(&mut self, z: &[f32], n: usize) -> InferResult<Generated> {
+    /// A class-conditional model needs `classes`, one per latent, each in `0..num_classes`;
+    /// an unconditional one refuses them.
+    pub fn generate(
+        &mut self,
+        z: &[f32],
+        classes: Option<&[i64]>,
+        n: usize,
+    ) -> InferResult<Generated> {
         if n == 0 || z.len() != n * self.z_dim {
             return Err(InferError::Invalid(format!(
                 "generate: {} values are not {n} latents of size {}",
@@ -335,8 +388,9 @@ impl Generator {
                 self.z_dim
             )));
         }
+        self.check_classes(classes, n)?;
         let Some(batch) = self.fixed_batch.filter(|&b| b != n) else {
-            return self.run_checked(z, n);
+            return self.run_checked(z, classes, n);
         };
         // A fixed batch size: run full batches, zero-pad the last, keep only real images.
         let mut out: Option<Generated> = None;
@@ -344,7 +398,12 @@ impl Generator {
             let real = batch.min(n - start);
             let mut chunk = z[start * self.z_dim..(start + real) * self.z_dim].to_vec();
             chunk.resize(batch * self.z_dim, 0.0);
-            let mut part = self.run_checked(&chunk, batch)?;
+            let chunk_classes = classes.map(|c| {
+                let mut part = c[start..start + real].to_vec();
+                part.resize(batch, 0);
+                part
+            });
+            let mut part = self.run_checked(&chunk, chunk_classes.as_deref(), batch)?;
             part.truncate(real);
             match &mut out {
                 None => out = Some(part),
@@ -354,21 +413,52 @@ impl Generator {
         out.ok_or_else(|| InferError::Invalid("generate: no latents".into()))
     }
 
+    fn check_classes(&self, classes: Option<&[i64]>, n: usize) -> InferResult<()> {
+        let invalid = |msg: String| Err(InferError::Invalid(msg));
+        match (classes, self.num_classes) {
+            (None, 0) => Ok(()),
+            (Some(_), 0) => invalid(format!(
+                "{} is unconditional: it takes no classes",
+                self.path.display()
+            )),
+            (None, k) => invalid(format!(
+                "{} is class-conditional ({k} classes): give every image a class",
+                self.path.display()
+            )),
+            (Some(c), _) if c.len() != n => invalid(format!("{} classes for {n} latents", c.len())),
+            (Some(c), k) => match c.iter().find(|&&c| c < 0 || c as usize >= k) {
+                Some(bad) => invalid(format!(
+                    "class {bad} is out of range: {} has {k} classes (0..{k})",
+                    self.path.display()
+                )),
+                None => Ok(()),
+            },
+        }
+    }
+
     /// One session run on exactly `n` latents, with every output's shape checked.
-    fn run_checked(&mut self, z: &[f32], n: usize) -> InferResult<Generated> {
+    fn run_checked(
+        &mut self,
+        z: &[f32],
+        classes: Option<&[i64]>,
+        n: usize,
+    ) -> InferResult<Generated> {
         let run_err = |msg: String| InferError::Run {
             path: self.path.clone(),
             msg,
         };
         let tensor =
             TensorRef::from_array_view(([n, self.z_dim], z)).map_err(|e| run_err(e.to_string()))?;
-        let outputs = self
-            .session
-            .run(ort::inputs![self.z_input.as_str() => tensor])
-            .map_err(|e| InferError::Run {
-                path: self.path.clone(),
-                msg: e.to_string(),
-            })?;
+        let mut inputs = ort::inputs![self.z_input.as_str() => tensor];
+        if let (Some(name), Some(classes)) = (&self.class_input, classes) {
+            let classes =
+                TensorRef::from_array_view(([n], classes)).map_err(|e| run_err(e.to_string()))?;
+            inputs.push((name.as_str().into(), classes.into()));
+        }
+        let outputs = self.session.run(inputs).map_err(|e| InferError::Run {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        })?;
         let (image_dims, images) = extract(&outputs, &self.image_output).map_err(&run_err)?;
         let [c, h, w] = match image_dims.as_slice() {
             &[b, c, h, w] if b == n => [c, h, w],
@@ -388,17 +478,17 @@ impl Generator {
         let mut attention = Vec::with_capacity(self.attention_outputs.len());
         for name in &self.attention_outputs {
             let (dims, maps) = extract(&outputs, name).map_err(&run_err)?;
-            let side = match dims.as_slice() {
-                &[b, q, k] if b == n && q == k => square_side(q, name).map_err(&run_err)?,
+            let grid = match dims.as_slice() {
+                &[b, q, k] if b == n => map_grid(q, k, name).map_err(&run_err)?,
                 dims => {
                     return Err(run_err(format!(
-                        "output '{name}' has shape {dims:?}, expected [{n}, N, N]"
+                        "output '{name}' has shape {dims:?}, expected [{n}, N, M]"
                     )))
                 }
             };
             attention.push(AttentionMaps {
                 name: name.clone(),
-                side,
+                grid,
                 maps,
             });
         }
@@ -419,7 +509,7 @@ impl Generated {
         self.images
             .truncate(n * self.channels * self.height * self.width);
         for a in &mut self.attention {
-            a.maps.truncate(n * a.side.pow(4));
+            a.maps.truncate(n * a.per_image());
         }
         self.n = n;
     }
@@ -446,14 +536,18 @@ fn extract(outputs: &SessionOutputs, name: &str) -> Result<(Vec<usize>, Vec<f32>
     Ok((dims, data.to_vec()))
 }
 
-fn square_side(n: usize, name: &str) -> Result<usize, String> {
-    let side = (n as f64).sqrt().round() as usize;
-    if side == 0 || side * side != n {
+/// The grids of an attention output with `queries` x `keys` positions: square, with as many
+/// keys as queries or a quarter of them (pooled keys).
+fn map_grid(queries: usize, keys: usize, name: &str) -> Result<MapGrid, String> {
+    let grid = MapGrid::square(queries, keys);
+    let ((qh, qw), (kh, kw)) = (grid.queries, grid.keys);
+    if qh == 0 || qh * qw != queries || kh * kw != keys || !(kh == qh || 2 * kh == qh) {
         return Err(format!(
-            "output '{name}' has {n} positions per map, not a square feature map"
+            "output '{name}' maps {queries} queries to {keys} keys: not a square feature map \
+             attending to itself or to its 2x2-pooled self"
         ));
     }
-    Ok(side)
+    Ok(grid)
 }
 
 /// A CPU session (or the base of a provider session): threads and the model, nothing else.
@@ -498,11 +592,15 @@ fn build_provider_session(
     signature: &Signature,
 ) -> InferResult<Session> {
     let provider_err = |msg: String| provider_error(runtime, &options.provider, msg);
-    let batch_input = signature
-        .fixed_batch
-        .is_none()
-        .then_some((signature.z_input.as_str(), signature.z_dim));
-    let dispatches = options.provider.dispatches(batch_input)?;
+    let z_rest = [signature.z_dim];
+    let mut batch_inputs: Vec<(&str, &[usize])> = Vec::new();
+    if signature.fixed_batch.is_none() {
+        batch_inputs.push((signature.z_input.as_str(), &z_rest));
+        if let Some((name, _)) = &signature.class_input {
+            batch_inputs.push((name.as_str(), &[]));
+        }
+    }
+    let dispatches = options.provider.dispatches(&batch_inputs)?;
     let mut builder =
         Session::builder(runtime.environment()).map_err(|e| provider_err(e.to_string()))?;
     if let Some(threads) = options.threads {
@@ -603,21 +701,43 @@ fn inspect(
         " (no 'sagan.*' metadata: not a sagan export)"
     };
 
-    // Inputs: exactly one, float [batch, z]. A class-conditional export will add an int64
-    // `class` [batch] input here.
+    // Inputs: float [batch, z], and for a class-conditional export int64 `class` [batch].
     let inputs = session.inputs();
-    let z = match inputs {
-        [only] => only,
+    let describe_inputs = || {
+        let names: Vec<String> = inputs
+            .iter()
+            .map(|i| format!("'{}' {:?}", i.name(), i.dtype()))
+            .collect();
+        names.join(", ")
+    };
+    let (z, class) = match inputs {
+        [only] => (only, None),
+        [a, b] if a.name() == CLASS_INPUT => (b, Some(a)),
+        [a, b] if b.name() == CLASS_INPUT => (a, Some(b)),
         _ => {
-            let names: Vec<String> = inputs
-                .iter()
-                .map(|i| format!("'{}' {:?}", i.name(), i.dtype()))
-                .collect();
             return Err(format!(
-                "expected one input 'z' [batch, z_dim], found {}: {}{not_sagan}",
+                "expected input 'z' [batch, z_dim] (and 'class' [batch] for a class-conditional model), found {}: {}{not_sagan}",
                 inputs.len(),
-                names.join(", ")
+                describe_inputs()
             ));
+        }
+    };
+    let class_input = match class {
+        None => None,
+        Some(class) => {
+            match tensor_decl(class.dtype()) {
+                Some((TensorElementType::Int64, dims)) if dims.len() == 1 => {}
+                _ => {
+                    return Err(format!(
+                        "input '{CLASS_INPUT}' is {:?}, expected int64 [batch]",
+                        class.dtype()
+                    ))
+                }
+            }
+            let k = meta.num_classes.filter(|&k| k > 0).ok_or_else(|| {
+                format!("input '{CLASS_INPUT}' but no 'sagan.num_classes' metadata: the class range is unknown")
+            })?;
+            Some((CLASS_INPUT.to_string(), k))
         }
     };
     let z_name = z.name().to_string();
@@ -698,7 +818,7 @@ fn inspect(
         };
     }
 
-    let mut attention: Vec<(usize, String, Option<usize>)> = Vec::new();
+    let mut attention: Vec<(usize, String, (Option<usize>, Option<usize>))> = Vec::new();
     for output in outputs {
         let Some(index) = output
             .name()
@@ -709,11 +829,11 @@ fn inspect(
         };
         match tensor_decl(output.dtype()) {
             Some((TensorElementType::Float32, dims)) if dims.len() == 3 => {
-                attention.push((index, output.name().to_string(), dims[1].or(dims[2])))
+                attention.push((index, output.name().to_string(), (dims[1], dims[2])))
             }
             _ => {
                 return Err(format!(
-                    "output '{}' is not float32 [batch, N, N]",
+                    "output '{}' is not float32 [batch, N, M]",
                     output.name()
                 ))
             }
@@ -730,6 +850,7 @@ fn inspect(
     Ok(Signature {
         z_input: z_name,
         z_dim,
+        class_input,
         fixed_batch: z_dims[0],
         image_output: image_name,
         image_shape,

@@ -14,6 +14,8 @@ pub struct SaganMetadata {
     pub z_dim: Option<usize>,
     pub channels: Option<usize>,
     pub image_size: Option<usize>,
+    /// Classes of a class-conditional model (0: unconditional).
+    pub num_classes: Option<usize>,
     pub attention_outputs: Option<usize>,
     pub producer: Option<String>,
 }
@@ -66,6 +68,7 @@ impl SaganMetadata {
             z_dim: positive("sagan.z_dim")?,
             channels: positive("sagan.channels")?,
             image_size: positive("sagan.image_size")?,
+            num_classes: number(props, "sagan.num_classes")?,
             attention_outputs: number(props, "sagan.attention_outputs")?,
             producer: props.get("producer").cloned(),
         })

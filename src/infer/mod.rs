@@ -16,7 +16,7 @@ pub mod latent;
 pub mod metadata;
 pub mod runtime;
 
-pub use generator::{Generated, Generator, LoadOptions, Provider, TensorRtOptions};
+pub use generator::{Generated, Generator, LoadOptions, Provider, TensorRtOptions, CLASS_INPUT};
 pub use latent::{interpolate, latents, truncated_latents, Interpolation};
 pub use metadata::SaganMetadata;
 pub use runtime::{LibrarySearch, Runtime};

@@ -1,6 +1,7 @@
 //! The SAGAN self-attention block.
 
 use super::spectral_norm::{ConvKind, SNConv2d};
+use crate::config::AttentionConfig;
 use candle_core::{ModuleT, Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
@@ -9,25 +10,47 @@ use candle_nn::{Init, VarBuilder};
 /// query and key are 1x1 convs to C/8 channels, value a 1x1 conv C -> C; the energy q^T k over
 /// the N = H*W positions is softmaxed over the keys. gamma starts at 0, so the block begins as
 /// the identity and the network learns how much non-local evidence to use.
+///
+/// The pooled form (the official SAGAN code's) max-pools keys and values 2x2, so the map is
+/// [B, N, N/4], and computes values at C/2 with a 1x1 `output` conv back to C.
 pub struct SelfAttention {
     query: SNConv2d,
     key: SNConv2d,
     value: SNConv2d,
+    output: Option<SNConv2d>,
     gamma: Tensor,
+    pooled: bool,
 }
 
 impl SelfAttention {
-    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, channels: usize, cfg: &AttentionConfig) -> Result<Self> {
         let reduced = channels / 8;
-        let conv1x1 = |name: &str, out: usize| {
-            SNConv2d::new(vb.pp(name), ConvKind::Conv, channels, out, 1, 1, 0)
+        let conv1x1 = |name: &str, cin: usize, out: usize| {
+            SNConv2d::new(vb.pp(name), ConvKind::Conv, cin, out, 1, 1, 0)
+        };
+        let (value, output) = match cfg.pooled {
+            true => (
+                conv1x1("value", channels, channels / 2)?,
+                Some(conv1x1("output", channels / 2, channels)?),
+            ),
+            false => (conv1x1("value", channels, channels)?, None),
         };
         Ok(Self {
-            query: conv1x1("query", reduced)?,
-            key: conv1x1("key", reduced)?,
-            value: conv1x1("value", channels)?,
+            query: conv1x1("query", channels, reduced)?,
+            key: conv1x1("key", channels, reduced)?,
+            value,
+            output,
             gamma: vb.get_with_hints(1, "gamma", Init::Const(0.0))?,
+            pooled: cfg.pooled,
         })
+    }
+
+    pub fn output(&self) -> Option<&SNConv2d> {
+        self.output.as_ref()
+    }
+
+    pub fn is_pooled(&self) -> bool {
+        self.pooled
     }
 
     pub fn query(&self) -> &SNConv2d {
@@ -46,19 +69,29 @@ impl SelfAttention {
         &self.gamma
     }
 
-    /// The block's output and its attention map [B, N, N] (row = query position, softmax over keys).
+    /// The block's output and its attention map [B, N, M] (row = query position, softmax
+    /// over the M keys: M = N, or N/4 when pooled).
     pub fn forward_with_map(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
-        let (b, c, h, w) = x.dims4()?;
+        let (b, _, h, w) = x.dims4()?;
         let n = h * w;
+        let keys = |conv: &SNConv2d| -> Result<Tensor> {
+            let y = conv.forward_t(x, train)?;
+            let y = if self.pooled { y.max_pool2d(2)? } else { y };
+            y.flatten_from(2) // [B, C', M]
+        };
         let q = self.query.forward_t(x, train)?.reshape((b, (), n))?; // [B, C/8, N]
-        let k = self.key.forward_t(x, train)?.reshape((b, (), n))?; // [B, C/8, N]
-        let v = self.value.forward_t(x, train)?.reshape((b, c, n))?; // [B, C, N]
-        let energy = q.transpose(1, 2)?.matmul(&k)?; // [B, N, N]
+        let k = keys(&self.key)?; // [B, C/8, M]
+        let v = keys(&self.value)?; // [B, Cv, M]
+        let energy = q.transpose(1, 2)?.matmul(&k)?; // [B, N, M]
                                                      // The differentiable softmax: softmax_last_dim has no backward.
         let attention = candle_nn::ops::softmax(&energy, D::Minus1)?;
         let o = v
             .matmul(&attention.transpose(1, 2)?)?
-            .reshape((b, c, h, w))?;
+            .reshape((b, (), h, w))?; // [B, Cv, H, W]
+        let o = match &self.output {
+            Some(conv) => conv.forward_t(&o, train)?,
+            None => o,
+        };
         let y = (o.broadcast_mul(&self.gamma.reshape((1, 1, 1, 1))?)? + x)?;
         Ok((y, attention))
     }
@@ -80,7 +113,7 @@ mod tests {
     fn block(channels: usize) -> (VarMap, SelfAttention) {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, stream(11, 1), &Device::Cpu);
-        let attn = SelfAttention::new(vb, channels).unwrap();
+        let attn = SelfAttention::new(vb, channels, &AttentionConfig::default()).unwrap();
         (varmap, attn)
     }
 
@@ -177,6 +210,57 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(norm > 0.0, "{name} got a zero gradient");
+        }
+    }
+
+    #[test]
+    fn pooled_form_attends_to_max_pooled_keys() {
+        let mut varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, stream(12, 1), &Device::Cpu);
+        let attn = SelfAttention::new(vb, 16, &AttentionConfig { pooled: true }).unwrap();
+        varmap
+            .set_one("gamma", Tensor::new(&[0.6f32], &Device::Cpu).unwrap())
+            .unwrap();
+        let x = input(2, 16, 4, 6);
+        let (y, map) = attn.forward_with_map(&x, false).unwrap();
+        assert_eq!(map.dims(), &[2, 24, 6]);
+        assert_eq!(y.dims(), x.dims());
+        // Reference for image 1: o = output(v_pooled @ map^T), y = 0.6 o + x.
+        let v = attn
+            .value
+            .forward_t(&x, false)
+            .unwrap()
+            .max_pool2d(2)
+            .unwrap()
+            .flatten_from(2)
+            .unwrap();
+        let o = v
+            .matmul(&map.transpose(1, 2).unwrap())
+            .unwrap()
+            .reshape((2, 8, 4, 6))
+            .unwrap();
+        let o = attn.output().unwrap().forward_t(&o, false).unwrap();
+        let want = ((o * 0.6).unwrap() + &x).unwrap();
+        let diff = (y - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        let loss = attn
+            .forward_t(&x, true)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for name in ["key.weight", "value.weight", "output.weight", "gamma"] {
+            let var = varmap.data().lock().unwrap()[name].clone();
+            assert!(grads.get(var.as_tensor()).is_some(), "no grad for {name}");
         }
     }
 }

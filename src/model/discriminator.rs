@@ -1,28 +1,39 @@
+use super::generator::check_classes;
 use super::LayerStack;
 use crate::config::ModelConfig;
-use candle_core::{ModuleT, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// Maps images [B, C, H, W] to one real/fake logit each, [B].
+/// Maps images [B, C, H, W] (and, in a class-conditional model, their classes [B]) to one
+/// real/fake logit each, [B].
 pub struct Discriminator {
     stack: LayerStack,
+    num_classes: usize,
 }
 
 impl Discriminator {
     pub fn new(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
         let input = (cfg.channels, cfg.image_size, cfg.image_size);
-        let stack = LayerStack::new(vb.pp("layers"), &cfg.discriminator, input, cfg.leaky_slope)?;
-        Ok(Self { stack })
+        let stack = LayerStack::new(
+            vb.pp("layers"),
+            &cfg.discriminator,
+            input,
+            cfg.leaky_slope,
+            cfg.num_classes,
+        )?;
+        Ok(Self {
+            stack,
+            num_classes: cfg.num_classes,
+        })
     }
 
     pub fn stack(&self) -> &LayerStack {
         &self.stack
     }
-}
 
-impl ModuleT for Discriminator {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (logits, _) = self.stack.forward_with_maps(x, train)?;
+    pub fn forward(&self, x: &Tensor, classes: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        check_classes(classes, x.dim(0)?, self.num_classes)?;
+        let (logits, _) = self.stack.forward_with_maps(x, classes, train)?;
         logits.flatten_all()
     }
 }
@@ -51,7 +62,10 @@ mod tests {
                 &Device::Cpu,
             )
             .unwrap();
-            assert_eq!(d.forward_t(&x, false).unwrap().dims(), &[3], "{name}");
+            let classes =
+                (cfg.num_classes > 0).then(|| Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap());
+            let logits = d.forward(&x, classes.as_ref(), false).unwrap();
+            assert_eq!(logits.dims(), &[3], "{name}");
         }
     }
 }

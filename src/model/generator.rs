@@ -1,12 +1,14 @@
 use super::LayerStack;
 use crate::config::ModelConfig;
-use candle_core::{ModuleT, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// Maps latents z [B, z_dim] to images [B, C, H, W] in [-1, 1].
+/// Maps latents z [B, z_dim] (and, in a class-conditional model, classes [B]) to images
+/// [B, C, H, W] in [-1, 1].
 pub struct Generator {
     stack: LayerStack,
     z_dim: usize,
+    num_classes: usize,
 }
 
 impl Generator {
@@ -16,28 +18,67 @@ impl Generator {
             &cfg.generator,
             (cfg.z_dim, 1, 1),
             cfg.leaky_slope,
+            cfg.num_classes,
         )?;
         Ok(Self {
             stack,
             z_dim: cfg.z_dim,
+            num_classes: cfg.num_classes,
         })
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
     }
 
     pub fn stack(&self) -> &LayerStack {
         &self.stack
     }
 
-    /// Images and every attention layer's map [B, N, N].
-    pub fn forward_with_attention(&self, z: &Tensor, train: bool) -> Result<(Tensor, Vec<Tensor>)> {
+    /// Images and every attention layer's map [B, N, M]. `classes` [B] (u32) is required by a
+    /// class-conditional model and refused by an unconditional one.
+    pub fn forward_with_attention(
+        &self,
+        z: &Tensor,
+        classes: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let b = z.dim(0)?;
+        check_classes(classes, b, self.num_classes)?;
         self.stack
-            .forward_with_maps(&z.reshape((b, self.z_dim, 1, 1))?, train)
+            .forward_with_maps(&z.reshape((b, self.z_dim, 1, 1))?, classes, train)
+    }
+
+    pub fn forward(&self, z: &Tensor, classes: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        Ok(self.forward_with_attention(z, classes, train)?.0)
     }
 }
 
-impl ModuleT for Generator {
-    fn forward_t(&self, z: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.forward_with_attention(z, train)?.0)
+/// Classes must come with a conditional model, one per image, each below `num_classes`.
+pub(super) fn check_classes(
+    classes: Option<&Tensor>,
+    batch: usize,
+    num_classes: usize,
+) -> Result<()> {
+    match (classes, num_classes) {
+        (None, 0) => Ok(()),
+        (Some(_), 0) => bail!("this model is unconditional: it takes no classes"),
+        (None, k) => {
+            bail!("this model is class-conditional ({k} classes): give every image a class")
+        }
+        (Some(classes), k) => {
+            if classes.dims() != [batch] {
+                bail!("{} classes for {batch} images", classes.elem_count());
+            }
+            let max = classes
+                .max_all()?
+                .to_dtype(candle_core::DType::U32)?
+                .to_scalar::<u32>()?;
+            if max as usize >= k {
+                bail!("class {max} is out of range: the model has {k} classes (0..{k})");
+            }
+            Ok(())
+        }
     }
 }
 
@@ -60,7 +101,11 @@ mod tests {
             )
             .unwrap();
             let z = normal_tensor(&mut stream(2, 2), 2, cfg.z_dim, &Device::Cpu).unwrap();
-            let (img, maps) = g.forward_with_attention(&z, true).unwrap();
+            let classes = (cfg.num_classes > 0)
+                .then(|| Tensor::new(&[0u32, cfg.num_classes as u32 - 1], &Device::Cpu).unwrap());
+            let (img, maps) = g
+                .forward_with_attention(&z, classes.as_ref(), true)
+                .unwrap();
             assert_eq!(
                 img.dims(),
                 &[2, cfg.channels, cfg.image_size, cfg.image_size],
@@ -78,7 +123,7 @@ mod tests {
                 .generator
                 .layers
                 .iter()
-                .filter(|l| matches!(l, crate::config::LayerConfig::Attention))
+                .filter(|l| matches!(l, crate::config::LayerConfig::Attention(_)))
                 .count();
             assert_eq!(maps.len(), attention_layers, "{name}");
         }

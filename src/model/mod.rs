@@ -2,14 +2,18 @@
 //! discriminator built from a preset's layer list.
 
 pub mod attention;
+pub mod conditional;
 pub mod conv_ops;
 pub mod discriminator;
 pub mod generator;
+pub mod resnet;
 pub mod spectral_norm;
 
 pub use attention::SelfAttention;
+pub use conditional::{ClassBatchNorm, ProjectionHead};
 pub use discriminator::Discriminator;
 pub use generator::Generator;
+pub use resnet::{DiscriminatorBlock, GeneratorBlock};
 pub use spectral_norm::{ConvKind, SNConv2d, SNLinear, SpectralNorm};
 
 use crate::config::{Activation, ConvConfig, FeatureShape, LayerConfig, NetConfig};
@@ -24,6 +28,18 @@ pub enum Layer {
         act: Activation,
     },
     Attention(SelfAttention),
+    /// A linear map of the flattened input, reshaped to `shape`.
+    Linear {
+        linear: SNLinear,
+        shape: FeatureShape,
+    },
+    GeneratorBlock(GeneratorBlock),
+    DiscriminatorBlock(DiscriminatorBlock),
+    Norm {
+        norm: ClassBatchNorm,
+        act: Activation,
+    },
+    ProjectionHead(ProjectionHead),
 }
 
 /// The layers of G or D in order, as the preset lists them. Weights are named
@@ -43,23 +59,27 @@ pub fn apply_activation(x: &Tensor, act: Activation, leaky_slope: f64) -> Result
 }
 
 impl LayerStack {
+    /// `num_classes` > 0 makes G's residual blocks' batch norms and D's projection head
+    /// class-conditional.
     pub fn new(
         vb: VarBuilder,
         cfg: &NetConfig,
         input: FeatureShape,
         leaky_slope: f64,
+        num_classes: usize,
     ) -> Result<Self> {
-        let mut channels = input.0;
+        let mut shape = input;
         let mut layers = Vec::with_capacity(cfg.layers.len());
         for (i, layer_cfg) in cfg.layers.iter().enumerate() {
             let vb = vb.pp(i.to_string());
-            let layer = match *layer_cfg {
+            let channels = shape.0;
+            let layer = match layer_cfg {
                 LayerConfig::Conv(conv) | LayerConfig::ConvTranspose(conv) => {
                     let kind = match layer_cfg {
                         LayerConfig::Conv(_) => ConvKind::Conv,
                         _ => ConvKind::Transpose,
                     };
-                    let ConvConfig {
+                    let &ConvConfig {
                         out,
                         kernel,
                         stride,
@@ -77,15 +97,40 @@ impl LayerStack {
                         )?),
                         false => None,
                     };
-                    channels = out;
                     Layer::Conv {
                         conv,
                         batch_norm,
                         act,
                     }
                 }
-                LayerConfig::Attention => Layer::Attention(SelfAttention::new(vb, channels)?),
+                LayerConfig::Attention(attention) => {
+                    Layer::Attention(SelfAttention::new(vb, channels, attention)?)
+                }
+                LayerConfig::Linear(linear) => Layer::Linear {
+                    linear: SNLinear::new(
+                        vb.pp("linear"),
+                        shape.0 * shape.1 * shape.2,
+                        linear.out * linear.size * linear.size,
+                    )?,
+                    shape: (linear.out, linear.size, linear.size),
+                },
+                LayerConfig::GeneratorBlock(block) => {
+                    Layer::GeneratorBlock(GeneratorBlock::new(vb, block, channels, num_classes)?)
+                }
+                LayerConfig::DiscriminatorBlock(block) => {
+                    Layer::DiscriminatorBlock(DiscriminatorBlock::new(vb, block, channels)?)
+                }
+                LayerConfig::BatchNorm(norm) => Layer::Norm {
+                    norm: ClassBatchNorm::new(vb.pp("bn"), channels, 0)?,
+                    act: norm.act,
+                },
+                LayerConfig::ProjectionHead => {
+                    Layer::ProjectionHead(ProjectionHead::new(vb, channels, num_classes)?)
+                }
             };
+            shape = layer_cfg
+                .output_shape(shape)
+                .map_err(candle_core::Error::msg)?;
             layers.push(layer);
         }
         Ok(Self {
@@ -102,8 +147,14 @@ impl LayerStack {
         self.leaky_slope
     }
 
-    /// Runs every layer; also returns each attention layer's map [B, N, N], in order.
-    pub fn forward_with_maps(&self, x: &Tensor, train: bool) -> Result<(Tensor, Vec<Tensor>)> {
+    /// Runs every layer; also returns each attention layer's map [B, N, M], in order.
+    /// `classes` [B] (u32) is needed by class-conditional layers.
+    pub fn forward_with_maps(
+        &self,
+        x: &Tensor,
+        classes: Option<&Tensor>,
+        train: bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let mut x = x.clone();
         let mut maps = Vec::new();
         for layer in &self.layers {
@@ -124,6 +175,18 @@ impl LayerStack {
                     maps.push(map);
                     y
                 }
+                Layer::Linear { linear, shape } => {
+                    let b = x.dim(0)?;
+                    linear
+                        .forward_t(&x.flatten_from(1)?, train)?
+                        .reshape((b, shape.0, shape.1, shape.2))?
+                }
+                Layer::GeneratorBlock(block) => block.forward(&x, classes, train)?,
+                Layer::DiscriminatorBlock(block) => block.forward(&x, train)?,
+                Layer::Norm { norm, act } => {
+                    apply_activation(&norm.forward(&x, None, train)?, *act, self.leaky_slope)?
+                }
+                Layer::ProjectionHead(head) => head.forward(&x, classes, train)?,
             };
         }
         Ok((x, maps))

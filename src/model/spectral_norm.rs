@@ -201,6 +201,14 @@ impl SNLinear {
         let bias = vb.get_with_hints(out_features, "bias", Init::Const(0.0))?;
         Ok(Self { sn, bias })
     }
+
+    pub fn spectral_norm(&self) -> &SpectralNorm {
+        &self.sn
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
 }
 
 impl ModuleT for SNLinear {

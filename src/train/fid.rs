@@ -5,7 +5,7 @@ use crate::data::Dataset;
 use crate::eval::{summarise, EvalReport, FeatureNet, Statistics};
 use crate::model::Generator;
 use crate::Result;
-use candle_core::{ModuleT, Tensor};
+use candle_core::Tensor;
 
 /// Images per feature-network run.
 const BATCH: usize = 100;
@@ -46,13 +46,21 @@ impl FidMonitor {
         self.count
     }
 
-    /// FID of `generator` (evaluation mode) on the latents `z` [count, z_dim].
-    pub fn fid(&mut self, generator: &Generator, z: &Tensor) -> Result<f64> {
-        let (_, c, h, w) = generator.forward_t(&z.narrow(0, 0, 1)?, false)?.dims4()?;
+    /// FID of `generator` (evaluation mode) on the latents `z` [count, z_dim] and, for a
+    /// class-conditional model, their classes [count].
+    pub fn fid(
+        &mut self,
+        generator: &Generator,
+        z: &Tensor,
+        classes: Option<&Tensor>,
+    ) -> Result<f64> {
+        let part = |start: usize, len: usize| -> candle_core::Result<Tensor> {
+            let classes = classes.map(|c| c.narrow(0, start, len)).transpose()?;
+            generator.forward(&z.narrow(0, start, len)?, classes.as_ref(), false)
+        };
+        let (_, c, h, w) = part(0, 1)?.dims4()?;
         let summary = summarise(&mut self.net, self.count, BATCH, [c, h, w], |range, out| {
-            let images = z
-                .narrow(0, range.start, range.len())
-                .and_then(|z| generator.forward_t(&z, false))
+            let images = part(range.start, range.len())
                 .and_then(|x| x.flatten_all()?.to_vec1::<f32>())
                 .map_err(|e| crate::infer::InferError::Invalid(e.to_string()))?;
             out.extend(images);

@@ -11,17 +11,20 @@ pub mod metrics;
 use crate::checkpoint::{self, Kind, Metadata, RunDir};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::Dataset;
-use crate::image_io::{attention_overlay, default_queries, save_grid, save_png, ImageBatch};
+use crate::image_io::{
+    attention_overlay, default_queries, save_grid, save_png, ImageBatch, MapGrid,
+};
 use crate::model::{Discriminator, Generator, LayerStack};
 use crate::rng::{self, streams};
 use crate::{Error, Result};
 use adam::{Adam, AdamConfig};
-use candle_core::{Device, ModuleT, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use ema::Ema;
 use fid::FidMonitor;
 use metrics::{MetricsLog, Record};
 use rand::seq::SliceRandom;
+use rand::Rng;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,7 +59,13 @@ pub struct StepStats {
 
 /// Images shown in sample grids; the first few also get attention maps.
 const SAMPLE_COUNT: usize = 64;
+/// A class-conditional model's grid: one class per row, this many images per row, at most
+/// `MAX_CLASS_ROWS` rows (classes spread evenly over the range).
+const SAMPLES_PER_CLASS: usize = 8;
+const MAX_CLASS_ROWS: usize = 10;
 const ATTENTION_IMAGES: usize = 4;
+/// Sample images generated per forward pass (the first chunk holds the attention images).
+const SAMPLE_CHUNK: usize = 8;
 const ATTENTION_QUERIES: usize = 4;
 
 pub struct Trainer {
@@ -75,6 +84,8 @@ pub struct Trainer {
     /// Generator steps done.
     step: usize,
     fixed_z: Tensor,
+    /// The class of each fixed latent (one class per grid row); None when unconditional.
+    fixed_classes: Option<Tensor>,
     /// The data order of the current epoch, cached: (epoch, permutation).
     epoch_order: Option<(usize, Vec<usize>)>,
     fid: Option<FidMonitor>,
@@ -95,6 +106,21 @@ impl Trainer {
                 "the dataset has {} images, fewer than the batch size {}",
                 dataset.len(),
                 cfg.batch_size
+            )));
+        }
+        if model_cfg.is_conditional() && dataset.num_classes() < 2 {
+            return Err(Error::Config(format!(
+                "preset {} is class-conditional ({} classes) but the training images carry no \
+                 labels: use MNIST (with its labels file) or an image folder with one sub-folder per class",
+                model_cfg.name, model_cfg.num_classes
+            )));
+        }
+        if model_cfg.is_conditional() && dataset.num_classes() > model_cfg.num_classes {
+            return Err(Error::Config(format!(
+                "the training images have {} classes, preset {} only {}",
+                dataset.num_classes(),
+                model_cfg.name,
+                model_cfg.num_classes
             )));
         }
         if (dataset.channels(), dataset.size()) != (model_cfg.channels, model_cfg.image_size) {
@@ -128,9 +154,20 @@ impl Trainer {
             Some(decay) => Some(Ema::new(&g_vars, &model_cfg, decay, &device)?),
             None => None,
         };
+        let (fixed_count, fixed_classes) = match model_cfg.num_classes {
+            0 => (SAMPLE_COUNT, None),
+            k => {
+                let rows = k.min(MAX_CLASS_ROWS);
+                let classes: Vec<u32> = (0..rows * SAMPLES_PER_CLASS)
+                    .map(|i| ((i / SAMPLES_PER_CLASS) * k / rows) as u32)
+                    .collect();
+                let n = classes.len();
+                (n, Some(Tensor::from_vec(classes, n, &device)?))
+            }
+        };
         let fixed_z = rng::normal_tensor(
             &mut rng::stream(cfg.seed, streams::FIXED_Z),
-            SAMPLE_COUNT,
+            fixed_count,
             model_cfg.z_dim,
             &device,
         )?;
@@ -149,6 +186,7 @@ impl Trainer {
             ema,
             step: 0,
             fixed_z,
+            fixed_classes,
             epoch_order: None,
             fid: None,
         })
@@ -222,14 +260,27 @@ impl Trainer {
             return Ok(None);
         };
         let mut rng = rng::stream(self.cfg.seed, streams::EVAL_Z);
+        // A conditional model is evaluated on every class in turn, so all are represented.
+        let classes = (self.model_cfg.num_classes > 0).then(|| {
+            let k = self.model_cfg.num_classes as u32;
+            (0..monitor.count() as u32)
+                .map(|i| i % k)
+                .collect::<Vec<_>>()
+        });
         let result = rng::normal_tensor(
             &mut rng,
             monitor.count(),
             self.model_cfg.z_dim,
             &self.device,
         )
+        .and_then(|z| {
+            let classes = classes
+                .map(|c| Tensor::from_vec(c, monitor.count(), &self.device))
+                .transpose()?;
+            Ok((z, classes))
+        })
         .map_err(Error::from)
-        .and_then(|z| monitor.fid(self.sampling_generator(), &z));
+        .and_then(|(z, classes)| monitor.fid(self.sampling_generator(), &z, classes.as_ref()));
         self.fid = Some(monitor);
         result.map(Some)
     }
@@ -268,28 +319,44 @@ impl Trainer {
         order[i * b..(i + 1) * b].to_vec()
     }
 
-    fn real_batch(&mut self, k: usize) -> Result<Tensor> {
+    /// The `k`-th batch of real images and, for a conditional model, their labels.
+    fn real_batch(&mut self, k: usize) -> Result<(Tensor, Option<Tensor>)> {
         let indices = self.batch_indices(k);
         let mut pixels = Vec::with_capacity(
             indices.len() * self.model_cfg.channels * self.model_cfg.image_size.pow(2),
         );
         self.dataset.fill_batch(&indices, &mut pixels);
         let s = self.model_cfg.image_size;
-        Ok(Tensor::from_vec(
+        let images = Tensor::from_vec(
             pixels,
             (indices.len(), self.model_cfg.channels, s, s),
             &self.device,
-        )?)
+        )?;
+        let labels = match self.model_cfg.is_conditional() {
+            true => {
+                let labels = self.dataset.labels();
+                let classes: Vec<u32> = indices.iter().map(|&i| labels[i]).collect();
+                Some(Tensor::from_vec(classes, indices.len(), &self.device)?)
+            }
+            false => None,
+        };
+        Ok((images, labels))
     }
 
-    fn latents(&self, stream: u64) -> Result<Tensor> {
+    /// Latents for one batch and, for a conditional model, classes drawn uniformly after them
+    /// from the same stream.
+    fn latents(&self, stream: u64) -> Result<(Tensor, Option<Tensor>)> {
         let mut rng = rng::stream(self.cfg.seed, streams::STEP_Z_BASE + stream);
-        Ok(rng::normal_tensor(
-            &mut rng,
-            self.cfg.batch_size,
-            self.model_cfg.z_dim,
-            &self.device,
-        )?)
+        let b = self.cfg.batch_size;
+        let z = rng::normal_tensor(&mut rng, b, self.model_cfg.z_dim, &self.device)?;
+        let classes = match self.model_cfg.num_classes {
+            0 => None,
+            k => {
+                let classes: Vec<u32> = (0..b).map(|_| rng.random_range(0..k as u32)).collect();
+                Some(Tensor::from_vec(classes, b, &self.device)?)
+            }
+        };
+        Ok((z, classes))
     }
 
     /// One generator step, preceded by `n_dis` discriminator steps.
@@ -316,16 +383,23 @@ impl Trainer {
     /// The `k`-th discriminator step (g_loss of the result is 0).
     fn discriminator_step(&mut self, k: usize) -> Result<StepStats> {
         let b = self.cfg.batch_size;
-        let real = self.real_batch(k)?;
+        let (real, real_classes) = self.real_batch(k)?;
+        let (z, fake_classes) = self.latents(2 * k as u64)?;
         // The fake batch is detached: the D step must not reach G's weights.
         let fake = self
             .generator
-            .forward_t(&self.latents(2 * k as u64)?, true)?
+            .forward(&z, fake_classes.as_ref(), true)?
             .detach();
+        let classes = match (real_classes, fake_classes) {
+            (Some(real), Some(fake)) => Some(Tensor::cat(&[real, fake], 0)?),
+            _ => None,
+        };
         // Real and fake in one batch: one spectral-norm power iteration per D step.
-        let logits = self
-            .discriminator
-            .forward_t(&Tensor::cat(&[&real, &fake], 0)?, true)?;
+        let logits = self.discriminator.forward(
+            &Tensor::cat(&[&real, &fake], 0)?,
+            classes.as_ref(),
+            true,
+        )?;
         let (d_real, d_fake) = (logits.narrow(0, 0, b)?, logits.narrow(0, b, b)?);
         let d_loss = loss::discriminator_loss(self.cfg.loss, &d_real, &d_fake)?;
         self.opt_d.step(&d_loss.backward()?)?;
@@ -339,12 +413,11 @@ impl Trainer {
 
     /// One generator step; returns its loss.
     fn generator_step(&mut self) -> Result<f32> {
-        let z = self.latents(2 * self.step as u64 + 1)?;
+        let (z, classes) = self.latents(2 * self.step as u64 + 1)?;
         // D in evaluation mode: its spectral-norm vectors stay put, so the G step changes
         // nothing of D; the gradients D's weights receive here are discarded.
-        let logits = self
-            .discriminator
-            .forward_t(&self.generator.forward_t(&z, true)?, false)?;
+        let fake = self.generator.forward(&z, classes.as_ref(), true)?;
+        let logits = self.discriminator.forward(&fake, classes.as_ref(), false)?;
         let g_loss = loss::generator_loss(self.cfg.loss, &logits)?;
         self.opt_g.step(&g_loss.backward()?)?;
         if let Some(ema) = &self.ema {
@@ -362,28 +435,55 @@ impl Trainer {
             .unwrap_or(&self.generator)
     }
 
-    /// Writes the fixed-z sample grid and attention maps of the current step.
+    /// Writes the fixed-z sample grid (a conditional model: one class per row) and attention
+    /// maps of the current step.
     pub fn save_samples(&self) -> Result<PathBuf> {
-        let (images, maps) = self
-            .sampling_generator()
-            .forward_with_attention(&self.fixed_z, false)?;
-        let (n, c, h, w) = images.dims4()?;
-        let pixels = images.flatten_all()?.to_vec1::<f32>()?;
+        let n = self.fixed_z.dim(0)?;
+        let (c, h, w) = (
+            self.model_cfg.channels,
+            self.model_cfg.image_size,
+            self.model_cfg.image_size,
+        );
+        let mut pixels = Vec::with_capacity(n * c * h * w);
+        let mut maps = Vec::new();
+        // In chunks: candle keeps every intermediate of a forward alive until its output is
+        // dropped, which at 128x128 would be gigabytes for the whole grid at once.
+        for start in (0..n).step_by(SAMPLE_CHUNK) {
+            let len = SAMPLE_CHUNK.min(n - start);
+            let classes = self
+                .fixed_classes
+                .as_ref()
+                .map(|c| c.narrow(0, start, len))
+                .transpose()?;
+            let (images, chunk_maps) = self.sampling_generator().forward_with_attention(
+                &self.fixed_z.narrow(0, start, len)?,
+                classes.as_ref(),
+                false,
+            )?;
+            pixels.extend(images.flatten_all()?.to_vec1::<f32>()?);
+            if start == 0 {
+                maps = chunk_maps;
+            }
+        }
         let batch = ImageBatch::new(&pixels, n, c, h, w)?;
         let grid = self
             .run
             .samples()
             .join(format!("step-{:08}.png", self.step));
-        save_grid(&grid, batch, (n as f64).sqrt().ceil() as usize)?;
+        let columns = match self.fixed_classes {
+            Some(_) => SAMPLES_PER_CLASS,
+            None => (n as f64).sqrt().ceil() as usize,
+        };
+        save_grid(&grid, batch, columns)?;
         let shown = ATTENTION_IMAGES.min(n);
         let first = ImageBatch::new(&pixels[..shown * c * h * w], shown, c, h, w)?;
         let layers = attention_layer_indices(self.sampling_generator().stack());
         for (map, layer) in maps.iter().zip(layers) {
-            let positions = map.dim(1)?;
-            let side = (positions as f64).sqrt().round() as usize;
+            let (_, queries, keys) = map.dims3()?;
+            let grid = MapGrid::square(queries, keys);
             let values = map.narrow(0, 0, shown)?.flatten_all()?.to_vec1::<f32>()?;
-            let queries = default_queries(side, positions / side, ATTENTION_QUERIES);
-            let picture = attention_overlay(first, &values, side, positions / side, &queries)?;
+            let points = default_queries(grid.queries.0, grid.queries.1, ATTENTION_QUERIES);
+            let picture = attention_overlay(first, &values, grid, &points)?;
             let path = self
                 .run
                 .samples()
