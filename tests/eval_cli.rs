@@ -273,10 +273,6 @@ fn bad_input_is_one_clean_error() {
             "no output 'probs'",
         ),
         (
-            &["--model", &tiny, "--data", "builtin"],
-            "only fits 1x28x28 images and this generator makes 1x4x4: pass --feature-net",
-        ),
-        (
             &["--baseline", "--data", "builtin", "--count", "0"],
             "--count must be at least 2",
         ),

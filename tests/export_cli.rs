@@ -43,7 +43,13 @@ fn failure_line(cmd: &mut Command) -> String {
 fn every_preset_exports_verified_models_that_pass_the_onnx_checker() {
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
-    for preset in ["sagan-mnist28", "dcgan-mnist28", "sagan64", "dcgan64"] {
+    for preset in [
+        "sagan-mnist28",
+        "dcgan-mnist28",
+        "sagan64",
+        "dcgan64",
+        "sagan-cond-mnist32",
+    ] {
         let run = tiny_run(dir.path(), preset);
         for (suffix, flags) in [
             ("plain", vec![]),

@@ -455,12 +455,15 @@ fn eval_every_logs_fid_and_keeps_the_best_checkpoint() {
         best_step.to_string()
     );
 
-    // Presets other than 1x28x28 need a feature network for FID.
+    // Colour presets need a feature network for FID (the built-in one reads greyscale digits).
     let err = stderr_of(
         train()
             .args(QUICK)
             .args(["--preset", "sagan64", "--eval-every", "1", "--out"])
             .arg(dir.path().join("x")),
     );
-    assert!(err.contains("--feature-net"), "{err}");
+    assert!(
+        err.contains("--feature-net") && err.contains("3x64x64"),
+        "{err}"
+    );
 }

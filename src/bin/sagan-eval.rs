@@ -10,8 +10,8 @@ use sagan::data::{DataSource, Dataset};
 use sagan::eval::cache::{self, CacheKey};
 use sagan::eval::features::fingerprint_from;
 use sagan::eval::{
-    summarise, summarise_generator, EvalOptions, EvalReport, FeatureNet, FeatureNetOptions,
-    FeatureSummary, Resize, MNIST_CLASSIFIER, MNIST_CLASSIFIER_NAME,
+    builtin_feature_net, evaluate, summarise, EvalOptions, EvalReport, FeatureNet,
+    FeatureNetOptions, FeatureSummary, Resize,
 };
 use sagan::infer::cli::{ProviderArg, ProviderArgs};
 use sagan::infer::{Generator, LoadOptions, Provider, Runtime, TensorRtOptions};
@@ -64,7 +64,7 @@ struct Args {
     #[arg(long, value_name = "DIR|builtin")]
     data: String,
 
-    /// The feature network (ONNX) [default: the built-in MNIST classifier, for 1x28x28 data].
+    /// The feature network (ONNX) [default: the built-in MNIST classifier, for greyscale digits].
     #[arg(long, value_name = "PATH")]
     feature_net: Option<PathBuf>,
 
@@ -197,17 +197,7 @@ fn run(args: &Args) -> Result<()> {
     });
     let mut net = match &args.feature_net {
         Some(path) => FeatureNet::load(runtime, path, &net_options)?,
-        None => match generator_shape {
-            Some([1, 28, 28]) | None => FeatureNet::from_bytes(
-                runtime,
-                Path::new(MNIST_CLASSIFIER_NAME),
-                MNIST_CLASSIFIER,
-                &net_options,
-            )?,
-            Some([c, h, w]) => bail!(
-                "the built-in feature network (an MNIST classifier) only fits 1x28x28 images and this generator makes {c}x{h}x{w}: pass --feature-net NET.onnx (e.g. an Inception-v3 export, see the sagan::eval docs)"
-            ),
-        },
+        None => builtin_feature_net(runtime, generator_shape, &net_options)?,
     };
 
     // The shape real images are loaded at: the generator's, or for --baseline the network's.
@@ -245,8 +235,7 @@ fn run(args: &Args) -> Result<()> {
         Some(generator) => {
             let real_count = args.count.min(data.len());
             let real = real_statistics(args, &mut net, &data, &order[..real_count], [c, h, w])?;
-            let generated = summarise_generator(generator, &mut net, &options)?;
-            EvalReport::new(&real, &generated, args.splits)?
+            evaluate(generator, &mut net, &real, &options)?
         }
         None => {
             if 2 * args.count > data.len() {

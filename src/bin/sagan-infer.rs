@@ -96,7 +96,12 @@ struct Args {
 
     /// Class-conditional models: the class of every image, or a comma-separated list taken
     /// row by row (row r gets the (r mod len)-th) [default: row r gets class r].
-    #[arg(long, value_name = "K[,K...]", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "K[,K...]",
+        value_delimiter = ',',
+        allow_negative_numbers = true
+    )]
     class: Vec<i64>,
 
     /// Images per run of the model [default: min(count, 64)].

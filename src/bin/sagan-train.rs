@@ -5,7 +5,7 @@ use clap::Parser;
 use sagan::checkpoint::{self, Kind, RunDir};
 use sagan::config::{preset_names, LossKind, ModelConfig, TrainConfig};
 use sagan::data::{DataSource, Dataset};
-use sagan::eval::{FeatureNet, FeatureNetOptions, MNIST_CLASSIFIER, MNIST_CLASSIFIER_NAME};
+use sagan::eval::{builtin_feature_net, FeatureNet, FeatureNetOptions};
 use sagan::infer::{LibrarySearch, Runtime};
 use sagan::train::fid::FidMonitor;
 use sagan::train::{cpu, Outcome, Schedule, Trainer};
@@ -116,7 +116,7 @@ struct Args {
     eval_count: usize,
 
     /// ONNX feature network for FID (outputs `features`, see sagan-eval). Default: the built-in
-    /// MNIST classifier, for 1x28x28 presets.
+    /// MNIST classifier, for greyscale presets.
     #[arg(long)]
     feature_net: Option<PathBuf>,
 
@@ -354,13 +354,11 @@ fn fid_monitor(
     let options = FeatureNetOptions::default();
     let net = match &args.feature_net {
         Some(path) => FeatureNet::load(runtime, path, &options)?,
-        None if (model.channels, model.image_size) == (1, 28) => {
-            FeatureNet::from_bytes(runtime, Path::new(MNIST_CLASSIFIER_NAME), MNIST_CLASSIFIER, &options)?
+        None => {
+            let shape = [model.channels, model.image_size, model.image_size];
+            builtin_feature_net(runtime, Some(shape), &options)
+                .with_context(|| format!("--eval-every for preset {}", model.name))?
         }
-        None => bail!(
-            "--eval-every: the built-in feature network (an MNIST classifier) fits 1x28x28 images only; pass --feature-net NET.onnx for {}",
-            model.name
-        ),
     };
     let monitor = FidMonitor::new(net, data, args.eval_count, every)?;
     tracing::info!("FID every {every} steps on {} images", monitor.count());

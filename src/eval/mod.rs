@@ -94,6 +94,29 @@ impl Default for EvalOptions {
 pub const MNIST_CLASSIFIER: &[u8] = include_bytes!("../../fixtures/mnist-classifier.onnx");
 pub const MNIST_CLASSIFIER_NAME: &str = "<built-in mnist-classifier.onnx>";
 
+/// The built-in MNIST classifier as the feature network for greyscale images of `shape`
+/// (other sizes than 28x28, e.g. 32x32 digits, are resized to its input); for any other
+/// images an error that names the way out. `None`: the shape is not known yet.
+pub fn builtin_feature_net(
+    runtime: &crate::infer::Runtime,
+    shape: Option<[usize; 3]>,
+    options: &FeatureNetOptions,
+) -> InferResult<FeatureNet> {
+    match shape {
+        Some([1, ..]) | None => FeatureNet::from_bytes(
+            runtime,
+            std::path::Path::new(MNIST_CLASSIFIER_NAME),
+            MNIST_CLASSIFIER,
+            options,
+        ),
+        Some([c, h, w]) => Err(InferError::Invalid(format!(
+            "the built-in feature network (an MNIST classifier) fits greyscale digits only and \
+             these images are {c}x{h}x{w}: pass --feature-net NET.onnx (e.g. an Inception-v3 \
+             export, see the sagan::eval docs)"
+        ))),
+    }
+}
+
 /// What the feature network made of a set of images.
 #[derive(Clone, Debug)]
 pub struct FeatureSummary {
