@@ -16,24 +16,14 @@ use sagan::model::SelfAttention;
 use sagan::rng::{normal_vec, seeded_var_builder, stream};
 use std::time::Instant;
 
-/// Resident memory high-water mark of this process, in MiB.
-fn peak_rss_mib() -> Result<f64> {
+/// A memory figure of this process from /proc/self/status ("VmRSS", "VmHWM": the peak), in MiB.
+fn memory_mib(field: &str) -> Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status").context("/proc/self/status")?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/self/status")?;
-    Ok(kib / 1024.0)
-}
-
-fn current_rss_mib() -> Result<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("/proc/self/status")?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/self/status")?;
+        .with_context(|| format!("no {field} in /proc/self/status"))?;
     Ok(kib / 1024.0)
 }
 
@@ -59,7 +49,7 @@ fn measure(side: usize, pooled: bool, batch: usize, channels: usize, runs: usize
         (batch, channels, side, side),
         &device,
     )?;
-    let baseline = current_rss_mib()?;
+    let baseline = memory_mib("VmRSS")?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = Instant::now();
@@ -73,7 +63,7 @@ fn measure(side: usize, pooled: bool, batch: usize, channels: usize, runs: usize
         "{:.1} {:.1} {:.0}",
         times[0],
         times[times.len() / 2],
-        peak_rss_mib()? - baseline
+        memory_mib("VmHWM")? - baseline
     );
     Ok(())
 }

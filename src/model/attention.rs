@@ -106,6 +106,7 @@ impl ModuleT for SelfAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::{input, max_abs};
     use crate::rng::{seeded_var_builder, stream};
     use candle_core::Device;
     use candle_nn::VarMap;
@@ -117,26 +118,13 @@ mod tests {
         (varmap, attn)
     }
 
-    fn input(b: usize, c: usize, h: usize, w: usize) -> Tensor {
-        let mut rng = stream(5, 5);
-        let v = crate::rng::normal_vec(&mut rng, b * c * h * w);
-        Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
-    }
-
     #[test]
     fn starts_as_identity_with_row_stochastic_map() {
         let (_, attn) = block(16);
-        let x = input(2, 16, 3, 4);
+        let x = input(2, 16, 3, 4, 5);
         let (y, map) = attn.forward_with_map(&x, false).unwrap();
         assert_eq!(map.dims(), &[2, 12, 12]);
-        let diff = (y - &x)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(y - &x).unwrap());
         assert_eq!(diff, 0.0, "gamma = 0 must make the block the identity");
         let row_sums = map
             .sum(D::Minus1)
@@ -154,7 +142,7 @@ mod tests {
         varmap
             .set_one("gamma", Tensor::new(&[0.7f32], &Device::Cpu).unwrap())
             .unwrap();
-        let x = input(1, 8, 2, 3);
+        let x = input(1, 8, 2, 3, 5);
         let (y, map) = attn.forward_with_map(&x, false).unwrap();
         let v = attn
             .value
@@ -182,7 +170,7 @@ mod tests {
         varmap
             .set_one("gamma", Tensor::new(&[0.5f32], &Device::Cpu).unwrap())
             .unwrap();
-        let x = input(2, 8, 2, 2);
+        let x = input(2, 8, 2, 2, 5);
         let loss = attn
             .forward_t(&x, true)
             .unwrap()
@@ -221,7 +209,7 @@ mod tests {
         varmap
             .set_one("gamma", Tensor::new(&[0.6f32], &Device::Cpu).unwrap())
             .unwrap();
-        let x = input(2, 16, 4, 6);
+        let x = input(2, 16, 4, 6, 5);
         let (y, map) = attn.forward_with_map(&x, false).unwrap();
         assert_eq!(map.dims(), &[2, 24, 6]);
         assert_eq!(y.dims(), x.dims());
@@ -241,14 +229,7 @@ mod tests {
             .unwrap();
         let o = attn.output().unwrap().forward_t(&o, false).unwrap();
         let want = ((o * 0.6).unwrap() + &x).unwrap();
-        let diff = (y - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(y - want).unwrap());
         assert!(diff < 1e-5, "{diff}");
         let loss = attn
             .forward_t(&x, true)

@@ -104,18 +104,10 @@ impl ProjectionHead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::{normal_vec, seeded_var_builder, stream};
+    use crate::model::testing::{input, max_abs};
+    use crate::rng::{seeded_var_builder, stream};
     use candle_core::{DType, Device, D};
     use candle_nn::VarMap;
-
-    fn input(b: usize, c: usize, h: usize, w: usize, seed: u64) -> Tensor {
-        let v = normal_vec(&mut stream(seed, 1), b * c * h * w);
-        Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
-    }
 
     #[test]
     fn conditional_norm_applies_each_images_class_row() {

@@ -9,6 +9,9 @@ pub mod generator;
 pub mod resnet;
 pub mod spectral_norm;
 
+#[cfg(test)]
+pub(crate) mod testing;
+
 pub use attention::SelfAttention;
 pub use conditional::{ClassBatchNorm, ProjectionHead};
 pub use discriminator::Discriminator;

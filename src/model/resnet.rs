@@ -140,18 +140,10 @@ impl DiscriminatorBlock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::{normal_vec, seeded_var_builder, stream};
+    use crate::model::testing::{input, max_abs};
+    use crate::rng::{seeded_var_builder, stream};
     use candle_core::{Device, Var};
     use candle_nn::VarMap;
-
-    fn input(b: usize, c: usize, h: usize, w: usize, seed: u64) -> Tensor {
-        let v = normal_vec(&mut stream(seed, 1), b * c * h * w);
-        Tensor::from_vec(v, (b, c, h, w), &Device::Cpu).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
-    }
 
     #[test]
     fn upsample2_matches_candle_and_its_gradient_sums_each_2x2_cell() {
