@@ -83,8 +83,7 @@ impl SelfAttention {
         let k = keys(&self.key)?; // [B, C/8, M]
         let v = keys(&self.value)?; // [B, Cv, M]
         let energy = q.transpose(1, 2)?.matmul(&k)?; // [B, N, M]
-                                                     // The differentiable softmax: softmax_last_dim has no backward.
-        let attention = candle_nn::ops::softmax(&energy, D::Minus1)?;
+        let attention = super::softmax::softmax_last_dim(&energy)?;
         let o = v
             .matmul(&attention.transpose(1, 2)?)?
             .reshape((b, (), h, w))?; // [B, Cv, H, W]

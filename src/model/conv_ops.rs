@@ -430,19 +430,26 @@ impl CustomOp2 for FilterGradOp {
 }
 
 /// The contiguous f32 data of a custom op's operand, checked against the expected length.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, len: usize) -> candle_core::Result<&'a [f32]> {
+pub(super) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    len: usize,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
-        candle_core::bail!("sagan conv ops: expected f32 storage, got {:?}", s.dtype());
+        candle_core::bail!(
+            "sagan custom ops: expected f32 storage, got {:?}",
+            s.dtype()
+        );
     };
     let Some((start, end)) = l.contiguous_offsets() else {
         candle_core::bail!(
-            "sagan conv ops: operand must be contiguous, got strides {:?}",
+            "sagan custom ops: operand must be contiguous, got strides {:?}",
             l.stride()
         );
     };
     if end - start != len {
         candle_core::bail!(
-            "sagan conv ops: operand has {} elements, expected {len}",
+            "sagan custom ops: operand has {} elements, expected {len}",
             end - start
         );
     }

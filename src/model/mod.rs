@@ -7,6 +7,7 @@ pub mod conv_ops;
 pub mod discriminator;
 pub mod generator;
 pub mod resnet;
+pub mod softmax;
 pub mod spectral_norm;
 
 #[cfg(test)]
