@@ -378,7 +378,7 @@ def main():
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement")
     parser.add_argument("--quick", action="store_true", help="one short repetition: a smoke test, not numbers")
     parser.add_argument("--parity-only", action="store_true", help="only the PyTorch-vs-sagan parity check")
-    parser.add_argument("--settle", type=float, default=60,
+    parser.add_argument("--settle", type=float, default=20,
                         help="before each measurement, wait up to this many seconds for a quiet second")
     parser.add_argument("--out", default=os.path.join(ROOT, "tools", "bench-results.md"))
     sub = parser.add_subparsers(dest="worker", help=argparse.SUPPRESS)

@@ -12,8 +12,11 @@ and the EMA of G.
 
 Each command prints one JSON line:
   torch_sagan.py generate --generator G.safetensors --z z.npy --out images.npy
-  torch_sagan.py train --checkpoint STEP_DIR --batch-size 64 --warmup 1 --steps 5 --threads 2
-  torch_sagan.py infer --generator G.safetensors --batch 64 --warmup 3 --runs 20 --threads 2
+  torch_sagan.py --threads 2 train --checkpoint STEP_DIR --batch-size 64 --warmup 1 --steps 5
+  torch_sagan.py --threads 2 infer --generator G.safetensors --batch 64 --warmup 3 --runs 20
+generate evaluates the network as trained (W / sigma from the stored u and v, batch norm with
+its running statistics); infer first folds spectral norm into the weights, as a PyTorch model is
+served.
 """
 import argparse
 import gzip
@@ -49,8 +52,11 @@ class SNConv(nn.Module):
         self.register_buffer("weight_u", torch.empty(out))
         self.register_buffer("weight_v", torch.empty(in_channels * kernel * kernel))
         self.stride, self.padding, self.transpose = stride, padding, transpose
+        self.folded = False
 
     def normalized_weight(self, train):
+        if self.folded:
+            return self.weight
         w = self.weight.transpose(0, 1) if self.transpose else self.weight
         matrix = w.reshape(w.shape[0], -1)
         if train:
@@ -161,6 +167,16 @@ class Discriminator(Net):
         return super().forward(x, train).flatten()
 
 
+def fold_spectral_norm(net):
+    """Divides every weight by its sigma once, as torch.nn.utils.remove_spectral_norm does for
+    serving (sagan's export folds it too): evaluation then skips the per-call W / sigma."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, SNConv):
+                module.weight.copy_(module.normalized_weight(False))
+                module.folded = True
+
+
 def load(path):
     """The network a sagan checkpoint file holds, and the file's metadata."""
     with safe_open(path, "pt") as f:
@@ -266,6 +282,7 @@ def cmd_train(args):
 
 def cmd_infer(args):
     g, _ = load(args.generator)
+    fold_spectral_norm(g)
     z = torch.randn(args.batch, g.z_dim)
     times = []
     with torch.inference_mode():
