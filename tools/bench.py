@@ -374,13 +374,14 @@ def report(ctx, args, diffs, results, sgemm, load_before, load_after, wall):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement")
+    parser.add_argument("--threads", type=int, default=2, help="threads of every implementation (default 2)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (default 3)")
     parser.add_argument("--quick", action="store_true", help="one short repetition: a smoke test, not numbers")
     parser.add_argument("--parity-only", action="store_true", help="only the PyTorch-vs-sagan parity check")
     parser.add_argument("--settle", type=float, default=20,
-                        help="before each measurement, wait up to this many seconds for a quiet second")
-    parser.add_argument("--out", default=os.path.join(ROOT, "tools", "bench-results.md"))
+                        help="before each measurement, wait up to this many seconds for a quiet second (default 20)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "tools", "bench-results.md"),
+                        help="where the Markdown table goes (default tools/bench-results.md)")
     sub = parser.add_subparsers(dest="worker", help=argparse.SUPPRESS)
     w = sub.add_parser("ort")
     w.add_argument("--model", required=True)
