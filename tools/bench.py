@@ -127,13 +127,13 @@ def layer_flops(layers, shape):
     return flops
 
 
-def model_flops(preset, n_dis=1):
+def model_flops(preset):
     """FLOPs of one generated image, and of one training image (a batch-B step / B).
 
     Backward is twice the forward (input and weight gradients), less the input gradient of a
-    first layer whose input needs none. A training step as sagan-train runs it: per D step, G
-    forward on B latents and D forward and backward on 2B images (real and fake in one batch);
-    then the G step: G forward and backward on B, D forward and backward on B (D's weight
+    first layer whose input needs none. A training step as sagan-train runs it by default: one
+    D step, G forward on B latents and D forward and backward on 2B images (real and fake in one
+    batch); then the G step: G forward and backward on B, D forward and backward on B (D's weight
     gradients are computed and discarded, as in PyTorch without freezing D).
     """
     g = layer_flops(preset["generator"]["layers"], (preset["z_dim"], 1, 1))
@@ -141,7 +141,7 @@ def model_flops(preset, n_dis=1):
     gf, df = sum(g), sum(d)
     d_step = gf + 2 * (3 * df - d[0])
     g_step = (3 * gf - g[0]) + 3 * df
-    return gf, n_dis * d_step + g_step
+    return gf, d_step + g_step
 
 
 # ---- one measurement each: images/s and measured()'s (peak RSS MiB, background CPU share) ----

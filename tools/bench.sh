@@ -17,5 +17,5 @@ if ! "$venv/bin/python" -c "import torch, onnxruntime, numpy, safetensors" 2>/de
     echo "installed in $((SECONDS - start)) s, $(du -sh "$venv" | cut -f1)" >&2
 fi
 tools/install-onnxruntime.sh cpu >/dev/null
-cargo build --release --quiet
+cargo build --release
 exec "$venv/bin/python" tools/bench.py "$@"
