@@ -1,0 +1,327 @@
+"""sagan's networks and training step in PyTorch: the cross-framework parity check and the peer
+of tools/bench.py.
+
+G and D are built from the preset stored in a sagan checkpoint's metadata and load its
+safetensors tensors strictly (every tensor used, every weight given, shapes checked). The layers
+mean what sagan's do: spectral norm with rows = output units (also for transposed convs), one
+power iteration per training forward, stored u and v as they are in evaluation; self-attention
+with gamma * o + x; batch norm (momentum 0.1, eps 1e-5); LeakyReLU with the preset's slope. A
+training step is sagan-train's: a D step on real and fake in one batch, hinge loss, a G step
+through D in evaluation mode (D's weight gradients computed and discarded), two time-scale Adam,
+and the EMA of G.
+
+Each command prints one JSON line:
+  torch_sagan.py generate --generator G.safetensors --z z.npy --out images.npy
+  torch_sagan.py --threads 2 train --checkpoint STEP_DIR --batch-size 64 --warmup 1 --steps 5
+  torch_sagan.py --threads 2 infer --generator G.safetensors --batch 64 --warmup 3 --runs 20
+generate evaluates the network as trained (W / sigma from the stored u and v, batch norm with
+its running statistics); infer first folds spectral norm into the weights, as a PyTorch model is
+served.
+"""
+import argparse
+import gzip
+import json
+import os
+import struct
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORMAT = "sagan-checkpoint-v1"
+EPS = 1e-12  # sagan's power-iteration normalisation: x / (|x| + EPS)
+
+
+def normalize(x):
+    return x / (x.norm() + EPS)
+
+
+class SNConv(nn.Module):
+    """A spectrally normalised conv (weight [out, in, k, k]) or transposed conv ([in, out, k, k])."""
+
+    def __init__(self, in_channels, out, kernel, stride=1, padding=0, transpose=False):
+        super().__init__()
+        shape = (in_channels, out, kernel, kernel) if transpose else (out, in_channels, kernel, kernel)
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.bias = nn.Parameter(torch.empty(out))
+        self.register_buffer("weight_u", torch.empty(out))
+        self.register_buffer("weight_v", torch.empty(in_channels * kernel * kernel))
+        self.stride, self.padding, self.transpose = stride, padding, transpose
+        self.folded = False
+
+    def normalized_weight(self, train):
+        if self.folded:
+            return self.weight
+        w = self.weight.transpose(0, 1) if self.transpose else self.weight
+        matrix = w.reshape(w.shape[0], -1)
+        if train:
+            with torch.no_grad():
+                v = normalize(matrix.t() @ self.weight_u)
+                self.weight_u.copy_(normalize(matrix @ v))
+                self.weight_v.copy_(v)
+        # Differentiable in W; u and v are constants.
+        sigma = torch.dot(self.weight_u, matrix @ self.weight_v)
+        return self.weight / sigma
+
+    def forward(self, x, train):
+        w = self.normalized_weight(train)
+        conv = F.conv_transpose2d if self.transpose else F.conv2d
+        return conv(x, w, self.bias, self.stride, self.padding)
+
+
+class BatchNorm(nn.Module):
+    """candle-nn's BatchNorm: batch statistics and running-stat updates in training."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.register_buffer("running_mean", torch.empty(channels))
+        self.register_buffer("running_var", torch.empty(channels))
+
+    def forward(self, x, train):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, train, 0.1, 1e-5)
+
+
+class ConvLayer(nn.Module):
+    def __init__(self, in_channels, spec, leaky_slope):
+        super().__init__()
+        self.conv = SNConv(in_channels, spec["out"], spec["kernel"], spec.get("stride", 1),
+                           spec.get("padding", 0), transpose=spec["type"] == "conv_transpose")
+        self.bn = BatchNorm(spec["out"]) if spec.get("batch_norm") else None
+        self.act = spec.get("act", "none")
+        self.leaky_slope = leaky_slope
+
+    def forward(self, x, train):
+        y = self.conv(x, train)
+        if self.bn is not None:
+            y = self.bn(y, train)
+        if self.act == "relu":
+            return F.relu(y)
+        if self.act == "leaky_relu":
+            return F.leaky_relu(y, self.leaky_slope)
+        if self.act == "tanh":
+            return torch.tanh(y)
+        return y
+
+
+class SelfAttention(nn.Module):
+    """query/key 1x1 convs to C/8, value C to C; softmax over the keys; y = gamma * o + x."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.query = SNConv(channels, channels // 8, 1)
+        self.key = SNConv(channels, channels // 8, 1)
+        self.value = SNConv(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.empty(1))
+
+    def forward(self, x, train):
+        b, c, h, w = x.shape
+        q = self.query(x, train).reshape(b, -1, h * w)
+        k = self.key(x, train).reshape(b, -1, h * w)
+        v = self.value(x, train).reshape(b, c, h * w)
+        attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)
+        o = (v @ attention.transpose(1, 2)).reshape(b, c, h, w)
+        return self.gamma * o + x
+
+
+class Net(nn.Module):
+    """The preset's layer list for G or D; tensor names as sagan's (layers.{i}.conv.weight, ...)."""
+
+    def __init__(self, layers, in_channels, leaky_slope):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        channels = in_channels
+        for spec in layers:
+            if spec["type"] == "attention":
+                self.layers.append(SelfAttention(channels))
+            else:
+                self.layers.append(ConvLayer(channels, spec, leaky_slope))
+                channels = spec["out"]
+
+    def forward(self, x, train):
+        for layer in self.layers:
+            x = layer(x, train)
+        return x
+
+
+class Generator(Net):
+    def __init__(self, preset):
+        super().__init__(preset["generator"]["layers"], preset["z_dim"], preset["leaky_slope"])
+        self.z_dim = preset["z_dim"]
+
+    def forward(self, z, train):
+        return super().forward(z.reshape(z.shape[0], self.z_dim, 1, 1), train)
+
+
+class Discriminator(Net):
+    def __init__(self, preset):
+        super().__init__(preset["discriminator"]["layers"], preset["channels"], preset["leaky_slope"])
+
+    def forward(self, x, train):
+        return super().forward(x, train).flatten()
+
+
+def fold_spectral_norm(net):
+    """Divides every weight by its sigma once, as torch.nn.utils.remove_spectral_norm does for
+    serving (sagan's export folds it too): evaluation then skips the per-call W / sigma."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, SNConv):
+                module.weight.copy_(module.normalized_weight(False))
+                module.folded = True
+
+
+def load(path):
+    """The network a sagan checkpoint file holds, and the file's metadata."""
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise SystemExit(f"{path}: not a sagan checkpoint")
+    preset = json.loads(meta["model"])
+    net = Discriminator(preset) if meta["kind"] == "discriminator" else Generator(preset)
+    net.load_state_dict(load_file(path), strict=True)
+    return net, meta
+
+
+def mnist_images(channels, size):
+    """sagan-train's default data, the built-in MNIST subset, as uint8 [n, channels, size, size]."""
+    with gzip.open(os.path.join(ROOT, "fixtures/mnist-subset/train-images-idx3-ubyte.gz")) as f:
+        data = f.read()
+    n, rows, cols = struct.unpack(">III", data[4:16])
+    images = torch.frombuffer(bytearray(data[16:]), dtype=torch.uint8).reshape(n, 1, rows, cols)
+    if (rows, cols) != (size, size):
+        resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+        images = resized.round().clamp(0, 255).to(torch.uint8)
+    return images.expand(-1, channels, -1, -1).contiguous()
+
+
+class Trainer:
+    """sagan-train's step: n_dis D steps (real and fake in one batch), one G step, the EMA."""
+
+    def __init__(self, step_dir, batch_size):
+        self.g, meta = load(os.path.join(step_dir, "generator.safetensors"))
+        self.d, _ = load(os.path.join(step_dir, "discriminator.safetensors"))
+        cfg = json.loads(meta["train"])
+        ema = cfg["ema_decay"] is not None
+        self.ema = load(os.path.join(step_dir, "generator_ema.safetensors"))[0] if ema else None
+        if cfg["loss"] != "hinge":
+            raise SystemExit(f"{step_dir}: only the hinge loss is implemented here, not {cfg['loss']}")
+        preset = json.loads(meta["model"])
+        self.images = mnist_images(preset["channels"], preset["image_size"])
+        self.batch_size, self.n_dis, self.ema_decay = batch_size, cfg["n_dis"], cfg["ema_decay"]
+        betas = (cfg["beta1"], cfg["beta2"])
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg["lr_g"], betas=betas, eps=1e-8)
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_d"], betas=betas, eps=1e-8)
+        self.step = 0
+
+    def real_batch(self):
+        index = torch.randint(len(self.images), (self.batch_size,))
+        return self.images[index].float() / 127.5 - 1.0
+
+    def latents(self):
+        return torch.randn(self.batch_size, self.g.z_dim)
+
+    def train_step(self):
+        b = self.batch_size
+        for _ in range(self.n_dis):
+            fake = self.g(self.latents(), True).detach()
+            logits = self.d(torch.cat([self.real_batch(), fake]), True)
+            d_loss = F.relu(1 - logits[:b]).mean() + F.relu(1 + logits[b:]).mean()
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+        g_loss = -self.d(self.g(self.latents(), True), False).mean()
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        self.step += 1
+        if self.ema is not None:
+            self.update_ema()
+        return d_loss.item(), g_loss.item()
+
+    @torch.no_grad()
+    def update_ema(self):
+        # Trained weights are averaged; buffers (BN statistics, u, v) copied, as sagan does.
+        decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))
+        for avg, w in zip(self.ema.parameters(), self.g.parameters()):
+            avg.lerp_(w, 1 - decay)
+        for avg, w in zip(self.ema.buffers(), self.g.buffers()):
+            avg.copy_(w)
+
+
+def images_per_s(times, batch):
+    return batch * len(times) / sum(times)
+
+
+def cmd_generate(args):
+    g, _ = load(args.generator)
+    with torch.inference_mode():
+        images = g(torch.from_numpy(np.load(args.z)), False)
+    np.save(args.out, images.numpy())
+    return {"images": images.shape[0]}
+
+
+def cmd_train(args):
+    trainer = Trainer(args.checkpoint, args.batch_size)
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        d_loss, g_loss = trainer.train_step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    if not (np.isfinite(d_loss) and np.isfinite(g_loss)):
+        raise SystemExit(f"training diverged: d_loss {d_loss}, g_loss {g_loss}")
+    return {"images_per_s": images_per_s(times, args.batch_size), "step_s": times}
+
+
+def cmd_infer(args):
+    g, _ = load(args.generator)
+    fold_spectral_norm(g)
+    z = torch.randn(args.batch, g.z_dim)
+    times = []
+    with torch.inference_mode():
+        for i in range(args.warmup + args.runs):
+            start = time.perf_counter()
+            g(z, False)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    return {"images_per_s": images_per_s(times, args.batch)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="images of a generator checkpoint for the latents in a .npy")
+    p.add_argument("--generator", required=True)
+    p.add_argument("--z", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=cmd_generate)
+    p = sub.add_parser("train", help="training images/s from a sagan checkpoint step directory")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.set_defaults(run=cmd_train)
+    p = sub.add_parser("infer", help="generator images/s, evaluation mode")
+    p.add_argument("--generator", required=True)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=20)
+    p.set_defaults(run=cmd_infer)
+    args = parser.parse_args()
+    # Before any compute, so that the intra-op threads inherit it: GAN activations drift into
+    # denormal range and unflushed they slow a CPU run several-fold (sagan flushes too).
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(args.threads)
+    print(json.dumps(args.run(args)))
+
+
+if __name__ == "__main__":
+    main()
