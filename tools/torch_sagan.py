@@ -74,18 +74,54 @@ class SNConv(nn.Module):
         return conv(x, w, self.bias, self.stride, self.padding)
 
 
-class BatchNorm(nn.Module):
-    """candle-nn's BatchNorm: batch statistics and running-stat updates in training."""
+class SNLinear(nn.Module):
+    """A spectrally normalised linear layer, weight [out, in]."""
 
-    def __init__(self, channels):
+    def __init__(self, in_features, out_features):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(channels))
-        self.bias = nn.Parameter(torch.empty(channels))
-        self.register_buffer("running_mean", torch.empty(channels))
-        self.register_buffer("running_var", torch.empty(channels))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        self.register_buffer("weight_u", torch.empty(out_features))
+        self.register_buffer("weight_v", torch.empty(in_features))
+        self.folded = False
+
+    def normalized_weight(self, train):
+        if self.folded:
+            return self.weight
+        if train:
+            with torch.no_grad():
+                v = normalize(self.weight.t() @ self.weight_u)
+                self.weight_u.copy_(normalize(self.weight @ v))
+                self.weight_v.copy_(v)
+        return self.weight / torch.dot(self.weight_u, self.weight @ self.weight_v)
 
     def forward(self, x, train):
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, train, 0.1, 1e-5)
+        return F.linear(x, self.normalized_weight(train), self.bias)
+
+
+class BatchNorm(nn.Module):
+    """candle-nn's BatchNorm: batch statistics and running-stat updates in training. With
+    `num_classes` > 0 it is sagan's conditional batch norm: no affine weights, a gain and a bias
+    row per class instead."""
+
+    def __init__(self, channels, num_classes=0):
+        super().__init__()
+        if num_classes:
+            self.gain = nn.Parameter(torch.empty(num_classes, channels))
+            self.bias = nn.Parameter(torch.empty(num_classes, channels))
+            self.weight = None
+        else:
+            self.weight = nn.Parameter(torch.empty(channels))
+            self.bias = nn.Parameter(torch.empty(channels))
+        self.register_buffer("running_mean", torch.empty(channels))
+        self.register_buffer("running_var", torch.empty(channels))
+        self.conditional = bool(num_classes)
+
+    def forward(self, x, train, classes=None):
+        if not self.conditional:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, train, 0.1, 1e-5)
+        y = F.batch_norm(x, self.running_mean, self.running_var, None, None, train, 0.1, 1e-5)
+        return y * self.gain[classes][:, :, None, None] + self.bias[classes][:, :, None, None]
 
 
 class ConvLayer(nn.Module):
@@ -97,71 +133,136 @@ class ConvLayer(nn.Module):
         self.act = spec.get("act", "none")
         self.leaky_slope = leaky_slope
 
-    def forward(self, x, train):
+    def forward(self, x, train, classes=None):
         y = self.conv(x, train)
         if self.bn is not None:
             y = self.bn(y, train)
-        if self.act == "relu":
-            return F.relu(y)
-        if self.act == "leaky_relu":
-            return F.leaky_relu(y, self.leaky_slope)
-        if self.act == "tanh":
-            return torch.tanh(y)
-        return y
+        return activation(y, self.act, self.leaky_slope)
+
+
+def activation(y, act, leaky_slope):
+    if act == "relu":
+        return F.relu(y)
+    if act == "leaky_relu":
+        return F.leaky_relu(y, leaky_slope)
+    if act == "tanh":
+        return torch.tanh(y)
+    return y
+
+
+class LinearLayer(nn.Module):
+    """The flattened input to out x size x size (the ResNet generator's first layer)."""
+
+    def __init__(self, in_features, spec):
+        super().__init__()
+        self.shape = (spec["out"], spec["size"], spec["size"])
+        self.linear = SNLinear(in_features, spec["out"] * spec["size"] ** 2)
+
+    def forward(self, x, train, classes=None):
+        return self.linear(x.flatten(1), train).reshape(x.shape[0], *self.shape)
+
+
+class NormLayer(nn.Module):
+    def __init__(self, channels, spec, leaky_slope):
+        super().__init__()
+        self.bn = BatchNorm(channels)
+        self.act, self.leaky_slope = spec["act"], leaky_slope
+
+    def forward(self, x, train, classes=None):
+        return activation(self.bn(x, train), self.act, self.leaky_slope)
+
+
+class GeneratorBlock(nn.Module):
+    """CBN, ReLU, 2x nearest upsample, 3x3 conv, CBN, ReLU, 3x3 conv; shortcut 1x1 conv + upsample."""
+
+    def __init__(self, channels, spec, num_classes):
+        super().__init__()
+        out, self.upsample = spec["out"], spec.get("upsample", True)
+        self.norm1 = BatchNorm(channels, num_classes)
+        self.conv1 = SNConv(channels, out, 3, padding=1)
+        self.norm2 = BatchNorm(out, num_classes)
+        self.conv2 = SNConv(out, out, 3, padding=1)
+        self.shortcut = SNConv(channels, out, 1) if channels != out or self.upsample else None
+
+    def forward(self, x, train, classes=None):
+        up = (lambda t: F.interpolate(t, scale_factor=2, mode="nearest")) if self.upsample else (lambda t: t)
+        h = self.conv1(up(F.relu(self.norm1(x, train, classes))), train)
+        h = self.conv2(F.relu(self.norm2(h, train, classes)), train)
+        skip = self.shortcut(up(x), train) if self.shortcut is not None else x
+        return h + skip
 
 
 class SelfAttention(nn.Module):
-    """query/key 1x1 convs to C/8, value C to C; softmax over the keys; y = gamma * o + x."""
+    """query/key 1x1 convs to C/8, value C to C; softmax over the keys; y = gamma * o + x.
+    Pooled (the official code's form): keys and values 2x2 max-pooled, value C/2 with an output
+    1x1 conv back to C."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, pooled=False):
         super().__init__()
         self.query = SNConv(channels, channels // 8, 1)
         self.key = SNConv(channels, channels // 8, 1)
-        self.value = SNConv(channels, channels, 1)
+        self.value = SNConv(channels, channels // 2 if pooled else channels, 1)
+        self.output = SNConv(channels // 2, channels, 1) if pooled else None
         self.gamma = nn.Parameter(torch.empty(1))
+        self.pooled = pooled
 
-    def forward(self, x, train):
+    def forward(self, x, train, classes=None):
         b, c, h, w = x.shape
+        keys = lambda t: (F.max_pool2d(t, 2) if self.pooled else t).flatten(2)
         q = self.query(x, train).reshape(b, -1, h * w)
-        k = self.key(x, train).reshape(b, -1, h * w)
-        v = self.value(x, train).reshape(b, c, h * w)
+        k = keys(self.key(x, train))
+        v = keys(self.value(x, train))
         attention = torch.softmax(q.transpose(1, 2) @ k, dim=-1)
-        o = (v @ attention.transpose(1, 2)).reshape(b, c, h, w)
+        o = (v @ attention.transpose(1, 2)).reshape(b, -1, h, w)
+        if self.output is not None:
+            o = self.output(o, train)
         return self.gamma * o + x
 
 
 class Net(nn.Module):
     """The preset's layer list for G or D; tensor names as sagan's (layers.{i}.conv.weight, ...)."""
 
-    def __init__(self, layers, in_channels, leaky_slope):
+    def __init__(self, layers, in_shape, leaky_slope, num_classes=0):
         super().__init__()
         self.layers = nn.ModuleList()
-        channels = in_channels
+        channels, size = in_shape[0], in_shape[1]
         for spec in layers:
-            if spec["type"] == "attention":
-                self.layers.append(SelfAttention(channels))
-            else:
+            kind = spec["type"]
+            if kind == "attention":
+                self.layers.append(SelfAttention(channels, spec.get("pooled", False)))
+            elif kind in ("conv", "conv_transpose"):
                 self.layers.append(ConvLayer(channels, spec, leaky_slope))
-                channels = spec["out"]
+            elif kind == "linear":
+                self.layers.append(LinearLayer(channels * size * size, spec))
+                size = spec["size"]
+            elif kind == "generator_block":
+                self.layers.append(GeneratorBlock(channels, spec, num_classes))
+            elif kind == "batch_norm":
+                self.layers.append(NormLayer(channels, spec, leaky_slope))
+            else:
+                raise SystemExit(f"layer type '{kind}' is not implemented in tools/torch_sagan.py")
+            channels = spec.get("out", channels)
 
-    def forward(self, x, train):
+    def forward(self, x, train, classes=None):
         for layer in self.layers:
-            x = layer(x, train)
+            x = layer(x, train, classes)
         return x
 
 
 class Generator(Net):
     def __init__(self, preset):
-        super().__init__(preset["generator"]["layers"], preset["z_dim"], preset["leaky_slope"])
-        self.z_dim = preset["z_dim"]
+        num_classes = preset.get("num_classes", 0)
+        super().__init__(preset["generator"]["layers"], (preset["z_dim"], 1), preset["leaky_slope"], num_classes)
+        self.z_dim, self.num_classes = preset["z_dim"], num_classes
 
-    def forward(self, z, train):
-        return super().forward(z.reshape(z.shape[0], self.z_dim, 1, 1), train)
+    def forward(self, z, train, classes=None):
+        return super().forward(z.reshape(z.shape[0], self.z_dim, 1, 1), train, classes)
 
 
 class Discriminator(Net):
     def __init__(self, preset):
-        super().__init__(preset["discriminator"]["layers"], preset["channels"], preset["leaky_slope"])
+        super().__init__(preset["discriminator"]["layers"], (preset["channels"], preset["image_size"]),
+                         preset["leaky_slope"])
 
     def forward(self, x, train):
         return super().forward(x, train).flatten()
@@ -172,7 +273,7 @@ def fold_spectral_norm(net):
     serving (sagan's export folds it too): evaluation then skips the per-call W / sigma."""
     with torch.no_grad():
         for module in net.modules():
-            if isinstance(module, SNConv):
+            if isinstance(module, (SNConv, SNLinear)):
                 module.weight.copy_(module.normalized_weight(False))
                 module.folded = True
 
@@ -261,8 +362,9 @@ def images_per_s(times, batch):
 
 def cmd_generate(args):
     g, _ = load(args.generator)
+    classes = torch.from_numpy(np.load(args.classes)) if args.classes else None
     with torch.inference_mode():
-        images = g(torch.from_numpy(np.load(args.z)), False)
+        images = g(torch.from_numpy(np.load(args.z)), False, classes)
     np.save(args.out, images.numpy())
     return {"images": images.shape[0]}
 
@@ -301,6 +403,7 @@ def main():
     p = sub.add_parser("generate", help="images of a generator checkpoint for the latents in a .npy")
     p.add_argument("--generator", required=True)
     p.add_argument("--z", required=True)
+    p.add_argument("--classes", help="int64 classes [n] in a .npy, for a class-conditional preset")
     p.add_argument("--out", required=True)
     p.set_defaults(run=cmd_generate)
     p = sub.add_parser("train", help="training images/s from a sagan checkpoint step directory")
