@@ -310,7 +310,7 @@ fn run(args: &Args, start: Instant) -> Result<()> {
         )?;
         for (k, maps) in all.attention.iter().enumerate() {
             let (side, _) = maps.grid.queries;
-            let per_image = maps.maps.len() / all.n;
+            let per_image = maps.per_image();
             let queries = image_io::default_queries(side, side, 4);
             let overlay = image_io::attention_overlay(
                 subset,

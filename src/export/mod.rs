@@ -47,15 +47,7 @@ fn folded_conv(conv: &SNConv2d, batch_norm: Option<&BatchNorm>) -> Result<(Tenso
     let Some(bn) = batch_norm else {
         return Ok((weight, bias));
     };
-    let inv_std = (bn.running_var() + bn.eps())?.sqrt()?.recip()?;
-    let (scale, shift) = match bn.weight_and_bias() {
-        Some((gamma, beta)) => {
-            let scale = (gamma * &inv_std)?;
-            let shift = (beta - (bn.running_mean() * &scale)?)?;
-            (scale, shift)
-        }
-        None => (inv_std.clone(), (bn.running_mean() * &inv_std)?.neg()?),
-    };
+    let (scale, shift) = batch_norm_scale_shift(bn)?;
     let out = scale.dim(0)?;
     let per_channel = match conv.kind() {
         ConvKind::Conv => scale.reshape((out, 1, 1, 1))?,
@@ -65,6 +57,21 @@ fn folded_conv(conv: &SNConv2d, batch_norm: Option<&BatchNorm>) -> Result<(Tenso
         weight.broadcast_mul(&per_channel)?,
         ((bias * &scale)? + shift)?,
     ))
+}
+
+/// Batch norm in evaluation mode as y = x * scale + shift per channel, from the running
+/// statistics (and the affine weights, when it has them).
+fn batch_norm_scale_shift(bn: &BatchNorm) -> Result<(Tensor, Tensor)> {
+    let inv_std = (bn.running_var() + bn.eps())?.sqrt()?.recip()?;
+    let scale = match bn.weight_and_bias() {
+        Some((gamma, _)) => (gamma * &inv_std)?,
+        None => inv_std,
+    };
+    let mut shift = (bn.running_mean() * &scale)?.neg()?;
+    if let Some((_, beta)) = bn.weight_and_bias() {
+        shift = (shift + beta)?;
+    }
+    Ok((scale, shift))
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -157,14 +164,13 @@ impl Emitter<'_> {
     /// Batch norm with running statistics as a per-channel (or, conditional, per-class and
     /// channel, looked up from `class`) scale and shift.
     fn norm(&mut self, x: &str, norm: &ClassBatchNorm, shape: [usize; 3]) -> Result<String> {
-        let bn = norm.batch_norm();
-        let inv_std = (bn.running_var() + bn.eps())?.sqrt()?.recip()?;
+        let (scale, shift) = batch_norm_scale_shift(norm.batch_norm())?;
         let c = shape[0];
-        let (scale, shift) = match (norm.class_tables(), bn.weight_and_bias()) {
-            (Some((gain, bias)), _) => {
-                // (x - mean) * inv_std * gain[k] + bias[k], per class k.
-                let scale = gain.broadcast_mul(&inv_std.unsqueeze(0)?)?;
-                let shift = (bias - scale.broadcast_mul(&bn.running_mean().unsqueeze(0)?)?)?;
+        let (scale, shift) = match norm.class_tables() {
+            Some((gain, bias)) => {
+                // (x * scale + shift) * gain[k] + bias[k], per class k.
+                let scale = gain.broadcast_mul(&scale.unsqueeze(0)?)?;
+                let shift = (bias + gain.broadcast_mul(&shift.unsqueeze(0)?)?)?;
                 let classes = scale.dim(0)?;
                 let gather = |b: &mut GraphBuilder, table: &Tensor| -> Result<String> {
                     let table = b.float_const("class_table", &[classes, c], &values(table)?);
@@ -179,22 +185,10 @@ impl Emitter<'_> {
                 };
                 (gather(&mut self.b, &scale)?, gather(&mut self.b, &shift)?)
             }
-            (None, Some((gamma, beta))) => {
-                let scale = (gamma * &inv_std)?;
-                let shift = (beta - (bn.running_mean() * &scale)?)?;
-                (
-                    self.b.float_const("scale", &[1, c, 1, 1], &values(&scale)?),
-                    self.b.float_const("shift", &[1, c, 1, 1], &values(&shift)?),
-                )
-            }
-            (None, None) => {
-                let shift = (bn.running_mean() * &inv_std)?.neg()?;
-                (
-                    self.b
-                        .float_const("scale", &[1, c, 1, 1], &values(&inv_std)?),
-                    self.b.float_const("shift", &[1, c, 1, 1], &values(&shift)?),
-                )
-            }
+            None => (
+                self.b.float_const("scale", &[1, c, 1, 1], &values(&scale)?),
+                self.b.float_const("shift", &[1, c, 1, 1], &values(&shift)?),
+            ),
         };
         let y = self.b.node("Mul", &[x, &scale], vec![], batched(&shape));
         Ok(self.b.node("Add", &[&y, &shift], vec![], batched(&shape)))
@@ -238,10 +232,9 @@ impl Emitter<'_> {
             h = self.upsample2(&h, in_shape);
             skip = self.upsample2(&skip, skip_shape);
         }
-        let mid = [out_shape[0], out_shape[1], out_shape[2]];
-        let h = self.conv(&h, conv1, None, Activation::None, mid)?;
-        let h = self.norm(&h, norm2, mid)?;
-        let h = self.activation(&h, Activation::Relu, mid);
+        let h = self.conv(&h, conv1, None, Activation::None, out_shape)?;
+        let h = self.norm(&h, norm2, out_shape)?;
+        let h = self.activation(&h, Activation::Relu, out_shape);
         let h = self.conv(&h, conv2, None, Activation::None, out_shape)?;
         Ok(self
             .b

@@ -167,7 +167,7 @@ pub struct AttentionMaps {
 
 impl AttentionMaps {
     /// Values per image.
-    fn per_image(&self) -> usize {
+    pub fn per_image(&self) -> usize {
         let ((qh, qw), (kh, kw)) = (self.grid.queries, self.grid.keys);
         qh * qw * kh * kw
     }

@@ -2,7 +2,7 @@
 
 use super::spectral_norm::{ConvKind, SNConv2d};
 use crate::config::AttentionConfig;
-use candle_core::{ModuleT, Result, Tensor, D};
+use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 /// y = gamma * o + x, where o attends from every position to every other.
@@ -107,7 +107,7 @@ mod tests {
     use super::*;
     use crate::model::testing::{input, max_abs};
     use crate::rng::{seeded_var_builder, stream};
-    use candle_core::Device;
+    use candle_core::{Device, D};
     use candle_nn::VarMap;
 
     fn block(channels: usize) -> (VarMap, SelfAttention) {

@@ -108,7 +108,7 @@ impl CustomOp2 for SoftmaxGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{input, max_abs};
+    use crate::model::testing::{input, max_abs, weighted_grad};
     use candle_core::Var;
 
     #[test]
@@ -120,16 +120,10 @@ mod tests {
         let ours = softmax_last_dim(x.as_tensor()).unwrap();
         let reference = candle_nn::ops::softmax(x.as_tensor(), D::Minus1).unwrap();
         assert!(max_abs(&(&ours - &reference).unwrap()) < 1e-6);
-        let grad_of = |y: &Tensor| {
-            let grads = (y * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            grads.get(x.as_tensor()).unwrap().clone()
-        };
-        let (ours, reference) = (grad_of(&ours), grad_of(&reference));
+        let (ours, reference) = (
+            weighted_grad(&ours, &weights, &x),
+            weighted_grad(&reference, &weights, &x),
+        );
         assert!(max_abs(&(ours - reference).unwrap()) < 1e-6);
     }
 
@@ -155,17 +149,7 @@ mod tests {
         };
         let var = Var::from_tensor(&x).unwrap();
         let y = softmax_last_dim(var.as_tensor()).unwrap();
-        let grads = (y * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let analytic = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let analytic = weighted_grad(&y, &weights, &var).to_vec2::<f32>().unwrap();
         let base = x.to_vec2::<f32>().unwrap();
         let eps = 1e-2f32;
         for r in 0..2 {
