@@ -91,7 +91,8 @@ impl SelfAttention {
             Some(conv) => conv.forward_t(&o, train)?,
             None => o,
         };
-        let y = (o.broadcast_mul(&self.gamma.reshape((1, 1, 1, 1))?)? + x)?;
+        let gamma = super::param(&self.gamma, train);
+        let y = (o.broadcast_mul(&gamma.reshape((1, 1, 1, 1))?)? + x)?;
         Ok((y, attention))
     }
 }

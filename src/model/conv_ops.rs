@@ -25,9 +25,10 @@
 
 use std::ops::Range;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::cpu_storage::f32_slice;
 
 /// `y = conv2d(x, w)` without bias. `x` is `[B, Cin, H, W]`, `w` is `[Cout, Cin, k, k]` (square
 /// kernel); groups 1, dilation 1. Output spatial size is `(H + 2 * padding - k) / stride + 1`.
@@ -333,14 +334,22 @@ impl CustomOp2 for Conv2dOp {
             img_h,
             img_w,
         };
-        let grad_x = grad.apply_op2_no_bwd(w, &data_op)?;
+        // Only what the graph needs: a network's input and a frozen (detached) weight need
+        // no gradient, and each skipped one is a whole GEMM.
+        let grad_x = x
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(w, &data_op))
+            .transpose()?;
         let filter_op = FilterGradOp {
             stride: self.stride,
             padding: self.padding,
             k,
         };
-        let grad_w = x.apply_op2_no_bwd(&grad, &filter_op)?;
-        Ok((Some(grad_x), Some(grad_w)))
+        let grad_w = w
+            .track_op()
+            .then(|| x.apply_op2_no_bwd(&grad, &filter_op))
+            .transpose()?;
+        Ok((grad_x, grad_w))
     }
 }
 
@@ -388,14 +397,20 @@ impl CustomOp2 for ConvTranspose2dOp {
             stride: self.stride,
             padding: self.padding,
         };
-        let grad_x = grad.apply_op2_no_bwd(w, &conv_op)?;
+        let grad_x = x
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(w, &conv_op))
+            .transpose()?;
         let filter_op = FilterGradOp {
             stride: self.stride,
             padding: self.padding,
             k,
         };
-        let grad_w = grad.apply_op2_no_bwd(x, &filter_op)?;
-        Ok((Some(grad_x), Some(grad_w)))
+        let grad_w = w
+            .track_op()
+            .then(|| grad.apply_op2_no_bwd(x, &filter_op))
+            .transpose()?;
+        Ok((grad_x, grad_w))
     }
 }
 
@@ -427,33 +442,6 @@ impl CustomOp2 for FilterGradOp {
         let shape = Shape::from((geom.out_c, geom.img_c, geom.k, geom.k));
         Ok((CpuStorage::F32(dw), shape))
     }
-}
-
-/// The contiguous f32 data of a custom op's operand, checked against the expected length.
-pub(super) fn f32_slice<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    len: usize,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!(
-            "sagan custom ops: expected f32 storage, got {:?}",
-            s.dtype()
-        );
-    };
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!(
-            "sagan custom ops: operand must be contiguous, got strides {:?}",
-            l.stride()
-        );
-    };
-    if end - start != len {
-        candle_core::bail!(
-            "sagan custom ops: operand has {} elements, expected {len}",
-            end - start
-        );
-    }
-    Ok(&data[start..end])
 }
 
 /// Target size, in f32s (4 MiB), of one chunk's im2col matrix: small enough to stay in the

@@ -2,8 +2,10 @@
 //! discriminator built from a preset's layer list.
 
 pub mod attention;
+pub mod channel_ops;
 pub mod conditional;
 pub mod conv_ops;
+pub(crate) mod cpu_storage;
 pub mod discriminator;
 pub mod generator;
 pub mod resnet;
@@ -53,12 +55,13 @@ pub struct LayerStack {
     leaky_slope: f64,
 }
 
-pub fn apply_activation(x: &Tensor, act: Activation, leaky_slope: f64) -> Result<Tensor> {
-    match act {
-        Activation::None => Ok(x.clone()),
-        Activation::Relu => x.relu(),
-        Activation::LeakyRelu => candle_nn::ops::leaky_relu(x, leaky_slope),
-        Activation::Tanh => x.tanh(),
+/// A parameter as a forward uses it: itself when training, a constant otherwise. Nothing is
+/// trained through an evaluation forward (the G step runs D in evaluation mode), so gradients
+/// for its weights would be discarded work: whole GEMMs per layer.
+pub(crate) fn param(t: &Tensor, train: bool) -> Tensor {
+    match train {
+        true => t.clone(),
+        false => t.detach(),
     }
 }
 
@@ -168,11 +171,19 @@ impl LayerStack {
                     batch_norm,
                     act,
                 } => {
-                    let mut y = conv.forward_t(&x, train)?;
-                    if let Some(bn) = batch_norm {
-                        y = bn.forward_t(&y, train)?;
+                    let y = conv.forward_unbiased(&x, train)?;
+                    let bias = param(conv.bias(), train);
+                    match batch_norm {
+                        Some(bn) => channel_ops::batch_norm_act(
+                            &y,
+                            Some(&bias),
+                            bn,
+                            *act,
+                            self.leaky_slope,
+                            train,
+                        )?,
+                        None => channel_ops::bias_act(&y, Some(&bias), *act, self.leaky_slope)?,
                     }
-                    apply_activation(&y, *act, self.leaky_slope)?
                 }
                 Layer::Attention(attention) => {
                     let (y, map) = attention.forward_with_map(&x, train)?;
@@ -187,9 +198,12 @@ impl LayerStack {
                 }
                 Layer::GeneratorBlock(block) => block.forward(&x, classes, train)?,
                 Layer::DiscriminatorBlock(block) => block.forward(&x, train)?,
-                Layer::Norm { norm, act } => {
-                    apply_activation(&norm.forward(&x, None, train)?, *act, self.leaky_slope)?
-                }
+                Layer::Norm { norm, act } => channel_ops::bias_act(
+                    &norm.forward(&x, None, train)?,
+                    None,
+                    *act,
+                    self.leaky_slope,
+                )?,
                 Layer::ProjectionHead(head) => head.forward(&x, classes, train)?,
             };
         }

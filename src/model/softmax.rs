@@ -6,7 +6,7 @@
 //! are a large part of a training step. Here the forward is one pass per row (max, exp, sum,
 //! scale) and the backward, dx = y * (dy - <dy, y>), another.
 
-use super::conv_ops::f32_slice;
+use super::cpu_storage::f32_slice;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 

@@ -5,6 +5,7 @@
 //! and v are variables of the VarMap (saved in checkpoints, never given gradients): one power
 //! iteration per training forward refines them; evaluation uses them as stored.
 
+use crate::config::Activation;
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
@@ -72,11 +73,16 @@ impl SpectralNorm {
         (u * wv)?.sum_all()
     }
 
-    /// The normalised weight W / sigma. With `update`, first runs one power iteration and
-    /// stores the new u and v (training); without, uses them as stored (evaluation).
-    pub fn weight(&self, update: bool) -> Result<Tensor> {
+    /// The normalised weight W / sigma. Training (`train`) first runs one power iteration
+    /// and stores the new u and v; evaluation uses them as stored and, like every parameter in
+    /// an evaluation forward, gives a constant (see `model::param`).
+    pub fn weight(&self, train: bool) -> Result<Tensor> {
         let matrix = self.matrix()?;
-        if update {
+        let weight = match train {
+            true => self.weight.clone(),
+            false => self.weight.detach(),
+        };
+        if train {
             let w = matrix.detach();
             let v = normalize(
                 &w.t()?
@@ -92,7 +98,8 @@ impl SpectralNorm {
             &self.u.as_tensor().detach(),
             &self.v.as_tensor().detach(),
         )?;
-        self.weight.broadcast_div(&sigma)
+        let sigma = if train { sigma } else { sigma.detach() };
+        weight.broadcast_div(&sigma)
     }
 
     /// The current sigma estimate as a number, from the stored vectors.
@@ -171,20 +178,30 @@ impl SNConv2d {
     pub fn padding(&self) -> usize {
         self.padding
     }
+
+    /// The convolution without its bias, for callers that fuse the bias into what follows.
+    pub fn forward_unbiased(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let w = self.sn.weight(train)?;
+        // im2col/col2im + GEMM kernels with their own backward: candle's CPU transposed conv
+        // (also its conv2d input gradient) is a direct loop several times slower.
+        match self.kind {
+            ConvKind::Conv => super::conv_ops::conv2d(x, &w, self.stride, self.padding),
+            ConvKind::Transpose => {
+                super::conv_ops::conv_transpose2d(x, &w, self.stride, self.padding)
+            }
+        }
+    }
 }
 
 impl ModuleT for SNConv2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let w = self.sn.weight(train)?;
-        // im2col/col2im + GEMM kernels with their own backward: candle's CPU transposed conv
-        // (also its conv2d input gradient) is a direct loop several times slower.
-        let y = match self.kind {
-            ConvKind::Conv => super::conv_ops::conv2d(x, &w, self.stride, self.padding)?,
-            ConvKind::Transpose => {
-                super::conv_ops::conv_transpose2d(x, &w, self.stride, self.padding)?
-            }
-        };
-        y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        let bias = super::param(&self.bias, train);
+        super::channel_ops::bias_act(
+            &self.forward_unbiased(x, train)?,
+            Some(&bias),
+            Activation::None,
+            0.0,
+        )
     }
 }
 
@@ -214,7 +231,7 @@ impl SNLinear {
 impl ModuleT for SNLinear {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let w = self.sn.weight(train)?;
-        candle_nn::Linear::new(w, Some(self.bias.clone())).forward(x)
+        candle_nn::Linear::new(w, Some(super::param(&self.bias, train))).forward(x)
     }
 }
 

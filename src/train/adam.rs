@@ -6,6 +6,8 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::{BTreeMap, HashMap};
 
+use super::inplace;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {
     pub lr: f64,
@@ -67,10 +69,40 @@ impl Adam {
                 Some(state) => state.clone(),
                 None => (grad.zeros_like()?, grad.zeros_like()?),
             };
-            let m = ((m * beta1)? + (&grad * (1.0 - beta1))?)?;
-            let v = ((v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-            let update = ((&m / correction1)? / ((&v / correction2)?.sqrt()? + eps)?)?;
-            var.set(&(var.as_tensor() - (update * lr)?)?)?;
+            let fused = [var.as_tensor(), &m, &v, &grad]
+                .into_iter()
+                .all(inplace::supported);
+            let (m, v) = if fused {
+                let grad = &grad;
+                m.inplace_op2(
+                    grad,
+                    &inplace::Lerp {
+                        keep: beta1,
+                        square: false,
+                    },
+                )?;
+                v.inplace_op2(
+                    grad,
+                    &inplace::Lerp {
+                        keep: beta2,
+                        square: true,
+                    },
+                )?;
+                let apply = inplace::AdamApply {
+                    lr,
+                    correction1,
+                    correction2,
+                    eps,
+                };
+                var.as_tensor().inplace_op3(&m, &v, &apply)?;
+                (m, v)
+            } else {
+                let m = ((m * beta1)? + (&grad * (1.0 - beta1))?)?;
+                let v = ((v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+                let update = ((&m / correction1)? / ((&v / correction2)?.sqrt()? + eps)?)?;
+                var.set(&(var.as_tensor() - (update * lr)?)?)?;
+                (m, v)
+            };
             self.moments.insert(name.clone(), (m, v));
         }
         Ok(())

@@ -1,5 +1,6 @@
 //! Exponential moving average of the generator's weights.
 
+use super::inplace;
 use crate::checkpoint::varmap_tensors;
 use crate::config::ModelConfig;
 use crate::model::Generator;
@@ -51,7 +52,15 @@ impl Ema {
         for (name, value) in varmap_tensors(source) {
             let Some(avg) = data.get(&name) else { continue };
             if trained.contains(name.as_str()) {
-                avg.set(&((avg.as_tensor() * decay)? + (value * (1.0 - decay))?)?)?;
+                if inplace::supported(avg.as_tensor()) && inplace::supported(&value) {
+                    let lerp = inplace::Lerp {
+                        keep: decay,
+                        square: false,
+                    };
+                    avg.as_tensor().inplace_op2(&value, &lerp)?;
+                } else {
+                    avg.set(&((avg.as_tensor() * decay)? + (value * (1.0 - decay))?)?)?;
+                }
             } else {
                 avg.set(&value)?;
             }

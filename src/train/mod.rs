@@ -5,6 +5,7 @@ pub mod adam;
 pub mod cpu;
 pub mod ema;
 pub mod fid;
+mod inplace;
 pub mod loss;
 pub mod metrics;
 
