@@ -1,5 +1,6 @@
 //! The SAGAN self-attention block.
 
+use super::attention_core::{self, attention_core};
 use super::spectral_norm::{ConvKind, SNConv2d};
 use crate::config::AttentionConfig;
 use candle_core::{ModuleT, Result, Tensor};
@@ -91,15 +92,42 @@ impl SelfAttention {
             Some(conv) => conv.forward_t(&o, train)?,
             None => o,
         };
+        Ok((self.residual(&o, x, train)?, attention))
+    }
+
+    /// y = gamma * o + x.
+    fn residual(&self, o: &Tensor, x: &Tensor, train: bool) -> Result<Tensor> {
         let gamma = super::param(&self.gamma, train);
-        let y = (o.broadcast_mul(&gamma.reshape((1, 1, 1, 1))?)? + x)?;
-        Ok((y, attention))
+        o.broadcast_mul(&gamma.reshape((1, 1, 1, 1))?)? + x
+    }
+
+    /// The plain block through the fused kernel (`attention_core`): the query, key and value
+    /// weights stacked into one matrix, the map never materialised for the whole batch.
+    fn forward_fused(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let convs = [&self.query, &self.key, &self.value];
+        let mut weights = Vec::with_capacity(3);
+        let mut biases = Vec::with_capacity(3);
+        for conv in convs {
+            weights.push(conv.spectral_norm().weight(train)?.flatten_from(1)?);
+            biases.push(super::param(conv.bias(), train));
+        }
+        let query_channels = weights[0].dim(0)?;
+        let o = attention_core(
+            x,
+            &Tensor::cat(&weights, 0)?,
+            &Tensor::cat(&biases, 0)?,
+            query_channels,
+        )?;
+        self.residual(&o, x, train)
     }
 }
 
 impl ModuleT for SelfAttention {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self.forward_with_map(x, train)?.0)
+        match !self.pooled && attention_core::supports(x) {
+            true => self.forward_fused(x, train),
+            false => Ok(self.forward_with_map(x, train)?.0),
+        }
     }
 }
 
@@ -108,7 +136,7 @@ mod tests {
     use super::*;
     use crate::model::testing::{input, max_abs};
     use crate::rng::{seeded_var_builder, stream};
-    use candle_core::{Device, D};
+    use candle_core::{Device, Var, D};
     use candle_nn::VarMap;
 
     fn block(channels: usize) -> (VarMap, SelfAttention) {
@@ -160,6 +188,59 @@ mod tests {
                 // o[c, i] = sum_j v[c, j] * attention[i, j]
                 let o: f32 = (0..6).map(|j| v[c][j] * map[i][j]).sum();
                 assert!((ys[c][i] - (0.7 * o + xs[c][i])).abs() < 1e-5);
+            }
+        }
+    }
+
+    /// The fused training path against the composed one: same output, same gradient for
+    /// the input and every parameter (each from the same spectral-norm vectors).
+    #[test]
+    fn fused_path_matches_the_composed_block() {
+        let (mut varmap, attn) = block(16);
+        varmap
+            .set_one("gamma", Tensor::new(&[0.8f32], &Device::Cpu).unwrap())
+            .unwrap();
+        let vectors: Vec<(String, Tensor)> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| name.ends_with("_u") || name.ends_with("_v"))
+            .map(|(name, var)| (name.clone(), var.as_tensor().copy().unwrap()))
+            .collect();
+        let x = Var::from_tensor(&input(3, 16, 4, 5, 6)).unwrap();
+        let r = input(3, 16, 4, 5, 7);
+        let run = |fused: bool| {
+            for (name, value) in &vectors {
+                varmap.data().lock().unwrap()[name].set(value).unwrap();
+            }
+            let y = match fused {
+                true => attn.forward_t(&x, true).unwrap(),
+                false => attn.forward_with_map(&x, true).unwrap().0,
+            };
+            let grads = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            (y, grads)
+        };
+        let ((y_fused, g_fused), (y_ref, g_ref)) = (run(true), run(false));
+        assert!(max_abs(&(&y_fused - &y_ref).unwrap()) < 1e-5);
+        let mut names = vec!["x".to_string()];
+        names.extend(varmap.data().lock().unwrap().keys().cloned());
+        for name in names {
+            let var = match name.as_str() {
+                "x" => x.clone(),
+                _ => varmap.data().lock().unwrap()[&name].clone(),
+            };
+            match (g_fused.get(&var), g_ref.get(&var)) {
+                (Some(a), Some(b)) => {
+                    let diff = max_abs(&(a - b).unwrap());
+                    assert!(diff < 1e-4 * max_abs(b).max(1.0), "{name}: {diff}");
+                }
+                (None, None) => {}
+                (a, b) => panic!(
+                    "{name}: fused grad {} vs composed {}",
+                    a.is_some(),
+                    b.is_some()
+                ),
             }
         }
     }

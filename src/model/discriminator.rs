@@ -33,8 +33,7 @@ impl Discriminator {
 
     pub fn forward(&self, x: &Tensor, classes: Option<&Tensor>, train: bool) -> Result<Tensor> {
         check_classes(classes, x.dim(0)?, self.num_classes)?;
-        let (logits, _) = self.stack.forward_with_maps(x, classes, train)?;
-        logits.flatten_all()
+        self.stack.forward(x, classes, train)?.flatten_all()
     }
 }
 

@@ -50,7 +50,10 @@ impl Generator {
     }
 
     pub fn forward(&self, z: &Tensor, classes: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        Ok(self.forward_with_attention(z, classes, train)?.0)
+        let b = z.dim(0)?;
+        check_classes(classes, b, self.num_classes)?;
+        self.stack
+            .forward(&z.reshape((b, self.z_dim, 1, 1))?, classes, train)
     }
 }
 

@@ -2,12 +2,14 @@
 //! discriminator built from a preset's layer list.
 
 pub mod attention;
+mod attention_core;
 pub mod channel_ops;
 pub mod conditional;
 pub mod conv_ops;
 pub(crate) mod cpu_storage;
 pub mod discriminator;
 pub mod generator;
+mod matmul;
 pub mod resnet;
 pub mod softmax;
 pub mod spectral_norm;
@@ -162,8 +164,24 @@ impl LayerStack {
         classes: Option<&Tensor>,
         train: bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut x = x.clone();
         let mut maps = Vec::new();
+        let y = self.run(x, classes, train, Some(&mut maps))?;
+        Ok((y, maps))
+    }
+
+    /// Runs every layer. Without maps to return, attention layers can take their fused kernel.
+    pub fn forward(&self, x: &Tensor, classes: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        self.run(x, classes, train, None)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        classes: Option<&Tensor>,
+        train: bool,
+        mut maps: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
         for layer in &self.layers {
             x = match layer {
                 Layer::Conv {
@@ -185,11 +203,14 @@ impl LayerStack {
                         None => channel_ops::bias_act(&y, Some(&bias), *act, self.leaky_slope)?,
                     }
                 }
-                Layer::Attention(attention) => {
-                    let (y, map) = attention.forward_with_map(&x, train)?;
-                    maps.push(map);
-                    y
-                }
+                Layer::Attention(attention) => match maps.as_deref_mut() {
+                    Some(maps) => {
+                        let (y, map) = attention.forward_with_map(&x, train)?;
+                        maps.push(map);
+                        y
+                    }
+                    None => attention.forward_t(&x, train)?,
+                },
                 Layer::Linear { linear, shape } => {
                     let b = x.dim(0)?;
                     linear
@@ -207,7 +228,7 @@ impl LayerStack {
                 Layer::ProjectionHead(head) => head.forward(&x, classes, train)?,
             };
         }
-        Ok((x, maps))
+        Ok(x)
     }
 
     /// Every attention layer's index in the stack and its gamma, in order.

@@ -43,22 +43,35 @@ impl CustomOp1 for Softmax {
         y.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(x.par_chunks(n * ROWS_PER_TASK))
             .for_each(|(ys, xs)| {
-                for (y, x) in ys.chunks_mut(n).zip(xs.chunks(n)) {
-                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = (x - max).exp();
-                        sum += *y;
-                    }
-                    let scale = 1.0 / sum;
-                    y.iter_mut().for_each(|y| *y *= scale);
-                }
+                ys.copy_from_slice(xs);
+                ys.chunks_mut(n).for_each(softmax_in_place);
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// Softmax of one row, in place: max, exp, sum and scale in one pass plus the scaling.
+pub(super) fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for y in row.iter_mut() {
+        *y = (*y - max).exp();
+        sum += *y;
+    }
+    let scale = 1.0 / sum;
+    row.iter_mut().for_each(|y| *y *= scale);
+}
+
+/// The gradient of one softmax row in place: `dy` (the output gradient) becomes
+/// `dx = y * (dy - <dy, y>)`.
+pub(super) fn softmax_grad_in_place(y: &[f32], dy: &mut [f32]) {
+    let dot: f32 = y.iter().zip(dy.iter()).map(|(y, dy)| y * dy).sum();
+    for (dy, &y) in dy.iter_mut().zip(y) {
+        *dy = y * (*dy - dot);
     }
 }
 
@@ -94,11 +107,9 @@ impl CustomOp2 for SoftmaxGrad {
                     .zip(dy.par_chunks(n * ROWS_PER_TASK)),
             )
             .for_each(|(dxs, (ys, dys))| {
-                for ((dx, y), dy) in dxs.chunks_mut(n).zip(ys.chunks(n)).zip(dys.chunks(n)) {
-                    let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
-                    for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                        *dx = y * (dy - dot);
-                    }
+                dxs.copy_from_slice(dys);
+                for (dx, y) in dxs.chunks_mut(n).zip(ys.chunks(n)) {
+                    softmax_grad_in_place(y, dx);
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))

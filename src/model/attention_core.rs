@@ -1,0 +1,348 @@
+//! The core of the plain SAGAN attention block as one candle custom op on CPU, with its
+//! backward: `qkv = W x + b` (the query, key and value 1x1 convolutions as one GEMM),
+//! `energy = q^T k`, a softmax over the keys and `o = v A^T`.
+//!
+//! Composed from candle's ops the block materialises [B, N, N] tensors (energy, map, their
+//! transposes and gradients: 256 MiB each for a 32x32 layer at batch 64), every one a full
+//! pass and a fresh allocation, and candle accumulates each gradient through another. Here the
+//! work runs per batch item, items in parallel, and the [N, N] map lives in a per-item scratch
+//! buffer; the backward recomputes it (and qkv) from the inputs rather than keeping it.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu_storage::f32_slice;
+use super::matmul::{matmul, matmul_serial, MatRef};
+use super::softmax::{softmax_grad_in_place, softmax_in_place};
+
+/// `o [B, Cv, H, W]` of the attention core for `x [B, C, H, W]`, the stacked 1x1 weights
+/// `w [2 * query_channels + Cv, C]` (query rows, then key rows, then value rows) and biases
+/// `b [2 * query_channels + Cv]`. Differentiable in all three. f32 CPU tensors only: see
+/// `supports`.
+pub fn attention_core(x: &Tensor, w: &Tensor, b: &Tensor, query_channels: usize) -> Result<Tensor> {
+    let geom = Geom::new(x.dims(), w.dims(), query_channels)?;
+    if b.dims() != [geom.rows] {
+        candle_core::bail!(
+            "attention core: bias shape {:?}, expected [{}]",
+            b.dims(),
+            geom.rows
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        AttentionCore { query_channels },
+    )
+}
+
+/// Whether the fused kernels can run on `x`.
+pub fn supports(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    batch: usize,
+    channels: usize,
+    query: usize,
+    value: usize,
+    /// Rows of the stacked weight: 2 * query + value.
+    rows: usize,
+    h: usize,
+    w: usize,
+    positions: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], w: &[usize], query: usize) -> Result<Self> {
+        let (&[batch, channels, h, wd], &[rows, w_in]) = (x, w) else {
+            candle_core::bail!("attention core: x {x:?} must be [B, C, H, W], w {w:?} [rows, C]");
+        };
+        if w_in != channels || rows <= 2 * query || query == 0 {
+            candle_core::bail!(
+                "attention core: weight {w:?} does not stack 2 x {query} query/key rows and value rows over {channels} channels"
+            );
+        }
+        Ok(Self {
+            batch,
+            channels,
+            query,
+            value: rows - 2 * query,
+            rows,
+            h,
+            w: wd,
+            positions: h * wd,
+        })
+    }
+
+    /// `qkv [rows, N] = w x + b` for one item.
+    fn project(&self, w: &[f32], b: &[f32], x: &[f32], qkv: &mut [f32]) -> Result<()> {
+        let n = self.positions;
+        matmul_serial(
+            qkv,
+            MatRef::row_major(w, self.rows, self.channels),
+            MatRef::row_major(x, self.channels, n),
+            false,
+        )?;
+        for (row, &bias) in qkv.chunks_mut(n).zip(b) {
+            row.iter_mut().for_each(|v| *v += bias);
+        }
+        Ok(())
+    }
+
+    /// The attention map `A [N, N] = softmax_rows(q^T k)` of one item from its qkv.
+    fn attention_map(&self, qkv: &[f32], map: &mut [f32]) -> Result<()> {
+        let n = self.positions;
+        let q = MatRef::row_major(&qkv[..self.query * n], self.query, n);
+        let k = MatRef::row_major(&qkv[self.query * n..2 * self.query * n], self.query, n);
+        matmul_serial(map, q.t(), k, false)?;
+        map.chunks_mut(n).for_each(softmax_in_place);
+        Ok(())
+    }
+
+    fn values<'a>(&self, qkv: &'a [f32]) -> MatRef<'a> {
+        let n = self.positions;
+        MatRef::row_major(&qkv[2 * self.query * n..], self.value, n)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct AttentionCore {
+    query_channels: usize,
+}
+
+impl CustomOp3 for AttentionCore {
+    fn name(&self) -> &'static str {
+        "sagan-attention-core"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.query_channels)?;
+        let n = g.positions;
+        let x = f32_slice(s1, l1, g.batch * g.channels * n)?;
+        let w = f32_slice(s2, l2, g.rows * g.channels)?;
+        let b = f32_slice(s3, l3, g.rows)?;
+        let mut o = vec![0f32; g.batch * g.value * n];
+        o.par_chunks_mut(g.value * n)
+            .zip(x.par_chunks(g.channels * n))
+            .try_for_each_init(
+                || (vec![0f32; g.rows * n], vec![0f32; n * n]),
+                |(qkv, map), (o, x)| -> Result<()> {
+                    g.project(w, b, x, qkv)?;
+                    g.attention_map(qkv, map)?;
+                    // o [Cv, N] = v [Cv, N] x A^T
+                    let map = MatRef::row_major(map, n, n);
+                    matmul_serial(o, g.values(qkv), map.t(), false)
+                },
+            )?;
+        Ok((
+            CpuStorage::F32(o),
+            Shape::from((g.batch, g.value, g.h, g.w)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = AttentionCoreGrad {
+            query_channels: self.query_channels,
+            bias: b.to_vec1()?,
+        };
+        // One buffer holds [dx (B*C*N), dw (rows*C), db (rows)]: a custom op has one output.
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
+        let db = packed.narrow(0, nx + nw, b.elem_count())?;
+        Ok((
+            x.track_op().then_some(dx),
+            w.track_op().then_some(dw),
+            b.track_op().then_some(db),
+        ))
+    }
+}
+
+/// Backward of `AttentionCore`: `(x, w, do)` to `[dx, dw, db]` flattened. Per item, with
+/// A recomputed: dv = do A, dA = do^T v, dE = A * (dA - rowsum(dA * A)), dq = k dE^T,
+/// dk = q dE, then dx = w^T dqkv; dw = sum over items of dqkv x^T and db of dqkv's row sums,
+/// summed in item order after the parallel part so that results do not depend on scheduling.
+struct AttentionCoreGrad {
+    query_channels: usize,
+    bias: Vec<f32>,
+}
+
+impl CustomOp3 for AttentionCoreGrad {
+    fn name(&self) -> &'static str {
+        "sagan-attention-core-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.query_channels)?;
+        let n = g.positions;
+        let x = f32_slice(s1, l1, g.batch * g.channels * n)?;
+        let w = f32_slice(s2, l2, g.rows * g.channels)?;
+        let grad = f32_slice(s3, l3, g.batch * g.value * n)?;
+        let (nx, nw) = (x.len(), w.len());
+        let mut out = vec![0f32; nx + nw + g.rows];
+        let mut dqkv_all = vec![0f32; g.batch * g.rows * n];
+        let (dx_all, rest) = out.split_at_mut(nx);
+        let (dw, db) = rest.split_at_mut(nw);
+        let (q_len, k_end) = (g.query * n, 2 * g.query * n);
+        dx_all
+            .par_chunks_mut(g.channels * n)
+            .zip(dqkv_all.par_chunks_mut(g.rows * n))
+            .zip(
+                x.par_chunks(g.channels * n)
+                    .zip(grad.par_chunks(g.value * n)),
+            )
+            .try_for_each_init(
+                || (vec![0f32; g.rows * n], vec![0f32; n * n], vec![0f32; n * n]),
+                |(qkv, map, dmap), ((dx, dqkv), (x, d_o))| -> Result<()> {
+                    g.project(w, &self.bias, x, qkv)?;
+                    g.attention_map(qkv, map)?;
+                    let d_o = MatRef::row_major(d_o, g.value, n);
+                    let a = MatRef::row_major(map, n, n);
+                    // dv [Cv, N] = do [Cv, N] x A [N, N]
+                    matmul_serial(&mut dqkv[k_end..], d_o, a, false)?;
+                    // dA [N, N] = do^T [N, Cv] x v [Cv, N], then dE in place.
+                    matmul_serial(dmap, d_o.t(), g.values(qkv), false)?;
+                    for (de, a) in dmap.chunks_mut(n).zip(map.chunks(n)) {
+                        softmax_grad_in_place(a, de);
+                    }
+                    let de = MatRef::row_major(dmap, n, n);
+                    let q = MatRef::row_major(&qkv[..q_len], g.query, n);
+                    let k = MatRef::row_major(&qkv[q_len..k_end], g.query, n);
+                    let (dq, dk) = dqkv[..k_end].split_at_mut(q_len);
+                    matmul_serial(dq, k, de.t(), false)?; // dq = k dE^T
+                    matmul_serial(dk, q, de, false)?; // dk = q dE
+                                                      // dx [C, N] = w^T [C, rows] x dqkv [rows, N]
+                    let w = MatRef::row_major(w, g.rows, g.channels);
+                    matmul_serial(dx, w.t(), MatRef::row_major(dqkv, g.rows, n), false)
+                },
+            )?;
+        for (item, (dqkv, x)) in dqkv_all
+            .chunks(g.rows * n)
+            .zip(x.chunks(g.channels * n))
+            .enumerate()
+        {
+            // dw [rows, C] += dqkv [rows, N] x x^T [N, C]
+            let x_t = MatRef::row_major(x, g.channels, n).t();
+            matmul(dw, MatRef::row_major(dqkv, g.rows, n), x_t, item > 0)?;
+            for (db, row) in db.iter_mut().zip(dqkv.chunks(n)) {
+                *db += row.iter().sum::<f32>();
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(nx + nw + g.rows)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::testing::{input, max_abs};
+    use candle_core::{Var, D};
+
+    /// The same computation composed from candle's ops.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, query: usize) -> Tensor {
+        let (batch, c, h, wd) = x.dims4().unwrap();
+        let rows = w.dim(0).unwrap();
+        let x = x.reshape((batch, c, h * wd)).unwrap();
+        let qkv = w
+            .broadcast_matmul(&x)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, rows, 1)).unwrap())
+            .unwrap();
+        let q = qkv.narrow(1, 0, query).unwrap();
+        let k = qkv.narrow(1, query, query).unwrap();
+        let v = qkv.narrow(1, 2 * query, rows - 2 * query).unwrap();
+        let energy = q.transpose(1, 2).unwrap().matmul(&k).unwrap();
+        let map = candle_nn::ops::softmax(&energy, D::Minus1).unwrap();
+        v.matmul(&map.t().unwrap())
+            .unwrap()
+            .reshape((batch, rows - 2 * query, h, wd))
+            .unwrap()
+    }
+
+    fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+        assert_eq!(got.dims(), want.dims(), "{what}: shape");
+        let diff = max_abs(&(got - want).unwrap());
+        let scale = max_abs(want).max(1.0);
+        assert!(
+            diff <= 1e-5 * scale,
+            "{what}: max diff {diff} (scale {scale})"
+        );
+    }
+
+    #[test]
+    fn forward_and_gradients_match_composed_ops() {
+        // (batch, channels, h, w, query, value): the plain block's value = channels, and another.
+        for (batch, c, h, wd, query, value) in [(3, 16, 5, 4, 2, 16), (2, 8, 3, 3, 1, 5)] {
+            let what = format!("B{batch} C{c} {h}x{wd} q{query} v{value}");
+            let rows = 2 * query + value;
+            let x = Var::from_tensor(&input(batch, c, h, wd, 1)).unwrap();
+            // Scaled up so the maps are far from uniform.
+            let w = Var::from_tensor(
+                &(input(1, 1, rows, c, 2).reshape((rows, c)).unwrap() * 0.7).unwrap(),
+            )
+            .unwrap();
+            let b = Var::from_tensor(&input(1, 1, 1, rows, 3).flatten_all().unwrap()).unwrap();
+            let fused = attention_core(&x, &w, &b, query).unwrap();
+            let want = reference(&x, &w, &b, query);
+            assert_close(&fused, &want, &format!("{what} forward"));
+            let r = input(batch, value, h, wd, 4);
+            let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let (g_fused, g_ref) = (grads(&fused), grads(&want));
+            for (var, name) in [(&x, "x"), (&w, "w"), (&b, "b")] {
+                assert_close(
+                    g_fused.get(var).unwrap(),
+                    g_ref.get(var).unwrap(),
+                    &format!("{what} d{name}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn only_tracked_operands_get_gradients() {
+        let x = Var::from_tensor(&input(2, 8, 3, 3, 1)).unwrap();
+        let w = input(1, 1, 10, 8, 2).reshape((10, 8)).unwrap();
+        let b = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
+        let y = attention_core(&x, &w, &b, 1).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_some());
+        assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let x = input(2, 8, 3, 3, 1);
+        let w = Tensor::zeros((10, 8), DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
+        assert!(attention_core(&x, &w, &b, 5).is_err(), "no value rows left");
+        let w7 = Tensor::zeros((10, 7), DType::F32, &Device::Cpu).unwrap();
+        assert!(attention_core(&x, &w7, &b, 1).is_err(), "channel mismatch");
+        let b9 = Tensor::zeros(9, DType::F32, &Device::Cpu).unwrap();
+        assert!(attention_core(&x, &w, &b9, 1).is_err(), "bias length");
+    }
+}
