@@ -18,6 +18,7 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::cpu_storage::f32_slice;
+use super::vector_math::lane_sum;
 use crate::config::Activation;
 
 /// Elements per rayon task, so that tiny planes (4x4 feature maps) are not one task each.
@@ -148,26 +149,6 @@ fn planes(dims: &[usize]) -> (usize, usize) {
 /// Planes per rayon task.
 fn planes_per_task(inner: usize) -> usize {
     (MIN_TASK_ELEMS / inner.max(1)).max(1)
-}
-
-/// Sum of a slice in 16 independent lanes, so the loop vectorises (a single running sum
-/// cannot be reordered by the compiler) and rounding error grows more slowly.
-#[inline]
-fn lane_sum(xs: &[f32], mut term: impl FnMut(usize, f32) -> f32) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0.0f32; LANES];
-    let chunks = xs.len() / LANES;
-    for c in 0..chunks {
-        for l in 0..LANES {
-            let i = c * LANES + l;
-            acc[l] += term(i, xs[i]);
-        }
-    }
-    let mut total: f32 = acc.iter().sum();
-    for (i, &x) in xs.iter().enumerate().skip(chunks * LANES) {
-        total += term(i, x);
-    }
-    total
 }
 
 #[derive(Clone, Copy, Debug)]

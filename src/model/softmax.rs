@@ -7,6 +7,7 @@
 //! scale) and the backward, dx = y * (dy - <dy, y>), another.
 
 use super::cpu_storage::f32_slice;
+use super::vector_math::{exp, lane_max, lane_sum};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -54,22 +55,36 @@ impl CustomOp1 for Softmax {
     }
 }
 
-/// Softmax of one row, in place: max, exp, sum and scale in one pass plus the scaling.
+/// Softmax of one row, in place: the max, then exp and sum in one pass, then the scaling.
 pub(super) fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for y in row.iter_mut() {
-        *y = (*y - max).exp();
-        sum += *y;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { softmax_in_place_avx2(row) };
     }
-    let scale = 1.0 / sum;
+    softmax_in_place_portable(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_in_place_avx2(row: &mut [f32]) {
+    softmax_in_place_portable(row)
+}
+
+#[inline(always)]
+fn softmax_in_place_portable(row: &mut [f32]) {
+    let max = lane_max(row);
+    for y in row.iter_mut() {
+        *y = exp(*y - max);
+    }
+    let scale = 1.0 / lane_sum(row, |_, y| y);
     row.iter_mut().for_each(|y| *y *= scale);
 }
 
 /// The gradient of one softmax row in place: `dy` (the output gradient) becomes
 /// `dx = y * (dy - <dy, y>)`.
 pub(super) fn softmax_grad_in_place(y: &[f32], dy: &mut [f32]) {
-    let dot: f32 = y.iter().zip(dy.iter()).map(|(y, dy)| y * dy).sum();
+    let dot = lane_sum(dy, |i, dy| dy * y[i]);
     for (dy, &y) in dy.iter_mut().zip(y) {
         *dy = y * (*dy - dot);
     }
