@@ -134,13 +134,21 @@ impl CustomOp3 for AttentionCore {
         o.par_chunks_mut(g.value * n)
             .zip(x.par_chunks(g.channels * n))
             .try_for_each_init(
-                || (vec![0f32; g.rows * n], vec![0f32; n * n]),
-                |(qkv, map), (o, x)| -> Result<()> {
+                || {
+                    (
+                        vec![0f32; g.rows * n],
+                        vec![0f32; n * n],
+                        vec![0f32; n * g.value],
+                    )
+                },
+                |(qkv, map, o_t), (o, x)| -> Result<()> {
                     g.project(w, b, x, qkv)?;
                     g.attention_map(qkv, map)?;
-                    // o [Cv, N] = v [Cv, N] x A^T
+                    // o^T [N, Cv] = A [N, N] x v^T, then transposed: see `transpose`.
                     let map = MatRef::row_major(map, n, n);
-                    matmul_serial(o, g.values(qkv), map.t(), false)
+                    matmul_serial(o_t, map, g.values(qkv).t(), false)?;
+                    transpose(o_t, n, g.value, o);
+                    Ok(())
                 },
             )?;
         Ok((
@@ -172,6 +180,20 @@ impl CustomOp3 for AttentionCore {
             w.track_op().then_some(dw),
             b.track_op().then_some(db),
         ))
+    }
+}
+
+/// `dst [cols, rows] = src [rows, cols]^T`, both row-major.
+///
+/// The GEMM kernels stream their left operand down columns and pack (copy) it when it is
+/// row-major; for the two products with the [N, N] map on the right transposed (o = v A^T and
+/// dq = k dE^T) that would copy the whole map per product. Computing the transposed product
+/// instead packs the small operand, and transposing the small result back is cheap.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    for (r, row) in src.chunks_exact(cols).enumerate().take(rows) {
+        for (c, &v) in row.iter().enumerate() {
+            dst[c * rows + r] = v;
+        }
     }
 }
 
@@ -217,8 +239,12 @@ impl CustomOp3 for AttentionCoreGrad {
                     .zip(grad.par_chunks(g.value * n)),
             )
             .try_for_each_init(
-                || (vec![0f32; g.rows * n], vec![0f32; n * n], vec![0f32; n * n]),
-                |(qkv, map, dmap), ((dx, dqkv), (x, d_o))| -> Result<()> {
+                || {
+                    let qkv = vec![0f32; g.rows * n];
+                    let maps = (vec![0f32; n * n], vec![0f32; n * n]);
+                    (qkv, maps, vec![0f32; n * g.query])
+                },
+                |(qkv, (map, dmap), dq_t), ((dx, dqkv), (x, d_o))| -> Result<()> {
                     g.project(w, &self.bias, x, qkv)?;
                     g.attention_map(qkv, map)?;
                     let d_o = MatRef::row_major(d_o, g.value, n);
@@ -234,7 +260,9 @@ impl CustomOp3 for AttentionCoreGrad {
                     let q = MatRef::row_major(&qkv[..q_len], g.query, n);
                     let k = MatRef::row_major(&qkv[q_len..k_end], g.query, n);
                     let (dq, dk) = dqkv[..k_end].split_at_mut(q_len);
-                    matmul_serial(dq, k, de.t(), false)?; // dq = k dE^T
+                    // dq = k dE^T, as dq^T = dE k^T (see `transpose`).
+                    matmul_serial(dq_t, de, k.t(), false)?;
+                    transpose(dq_t, n, g.query, dq);
                     matmul_serial(dk, q, de, false)?; // dk = q dE
                                                       // dx [C, N] = w^T [C, rows] x dqkv [rows, N]
                     let w = MatRef::row_major(w, g.rows, g.channels);
