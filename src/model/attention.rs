@@ -77,7 +77,7 @@ impl SelfAttention {
         let n = h * w;
         let keys = |conv: &SNConv2d| -> Result<Tensor> {
             let y = conv.forward_t(x, train)?;
-            let y = if self.pooled { y.max_pool2d(2)? } else { y };
+            let y = if self.pooled { max_pool2(&y)? } else { y };
             y.flatten_from(2) // [B, C', M]
         };
         let q = self.query.forward_t(x, train)?.reshape((b, (), n))?; // [B, C/8, N]
@@ -101,7 +101,7 @@ impl SelfAttention {
         o.broadcast_mul(&gamma.reshape((1, 1, 1, 1))?)? + x
     }
 
-    /// The plain block through the fused kernel (`attention_core`): the query, key and value
+    /// The block through the fused kernel (`attention_core`): the query, key and value
     /// weights stacked into one matrix, the map never materialised for the whole batch.
     fn forward_fused(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let convs = [&self.query, &self.key, &self.value];
@@ -117,14 +117,27 @@ impl SelfAttention {
             &Tensor::cat(&weights, 0)?,
             &Tensor::cat(&biases, 0)?,
             query_channels,
+            self.pooled,
         )?;
+        let o = match &self.output {
+            Some(conv) => conv.forward_t(&o, train)?,
+            None => o,
+        };
         self.residual(&o, x, train)
     }
 }
 
+/// 2x2 max pooling (even H and W). Not candle's `max_pool2d`: its backward (candle 0.11) hands
+/// the maximum a quarter of the gradient (it multiplies by the window's share of maxima where
+/// it should divide), which would shrink every gradient through the keys and values 4-fold.
+pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+}
+
 impl ModuleT for SelfAttention {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match !self.pooled && attention_core::supports(x) {
+        match attention_core::supports(x) {
             true => self.forward_fused(x, train),
             false => Ok(self.forward_with_map(x, train)?.0),
         }
@@ -196,7 +209,15 @@ mod tests {
     /// the input and every parameter (each from the same spectral-norm vectors).
     #[test]
     fn fused_path_matches_the_composed_block() {
-        let (mut varmap, attn) = block(16);
+        for pooled in [false, true] {
+            fused_path_matches_the_composed_block_with(pooled);
+        }
+    }
+
+    fn fused_path_matches_the_composed_block_with(pooled: bool) {
+        let mut varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, stream(11, 1), &Device::Cpu);
+        let attn = SelfAttention::new(vb, 16, &AttentionConfig { pooled }).unwrap();
         varmap
             .set_one("gamma", Tensor::new(&[0.8f32], &Device::Cpu).unwrap())
             .unwrap();
@@ -208,8 +229,8 @@ mod tests {
             .filter(|(name, _)| name.ends_with("_u") || name.ends_with("_v"))
             .map(|(name, var)| (name.clone(), var.as_tensor().copy().unwrap()))
             .collect();
-        let x = Var::from_tensor(&input(3, 16, 4, 5, 6)).unwrap();
-        let r = input(3, 16, 4, 5, 7);
+        let x = Var::from_tensor(&input(3, 16, 4, 6, 6)).unwrap();
+        let r = input(3, 16, 4, 6, 7);
         let run = |fused: bool| {
             for (name, value) in &vectors {
                 varmap.data().lock().unwrap()[name].set(value).unwrap();
@@ -233,7 +254,10 @@ mod tests {
             match (g_fused.get(&var), g_ref.get(&var)) {
                 (Some(a), Some(b)) => {
                     let diff = max_abs(&(a - b).unwrap());
-                    assert!(diff < 1e-4 * max_abs(b).max(1.0), "{name}: {diff}");
+                    assert!(
+                        diff < 1e-4 * max_abs(b).max(1.0),
+                        "pooled {pooled} {name}: {diff}"
+                    );
                 }
                 (None, None) => {}
                 (a, b) => panic!(
@@ -280,6 +304,33 @@ mod tests {
                 .unwrap();
             assert!(norm > 0.0, "{name} got a zero gradient");
         }
+    }
+
+    #[test]
+    fn max_pool_sends_the_whole_gradient_to_each_maximum() {
+        let x = Var::from_tensor(&input(2, 3, 4, 6, 9)).unwrap();
+        let pooled = max_pool2(&x).unwrap();
+        let reference = x.max_pool2d(2).unwrap();
+        assert_eq!(max_abs(&(&pooled - &reference).unwrap()), 0.0);
+        let grads = pooled.sum_all().unwrap().backward().unwrap();
+        let grad = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // One 1 per 2x2 window (inputs are distinct), at its maximum; zeros elsewhere.
+        assert_eq!(grad.iter().filter(|&&g| g == 1.0).count(), 2 * 3 * 2 * 3);
+        assert!(grad.iter().all(|&g| g == 0.0 || g == 1.0));
+        let upsampled_max = reference.upsample_nearest2d(4, 6).unwrap();
+        let at_max = x
+            .eq(&upsampled_max)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let at_max = at_max.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(grad, at_max);
     }
 
     #[test]

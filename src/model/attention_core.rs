@@ -1,12 +1,12 @@
-//! The core of the plain SAGAN attention block as one candle custom op on CPU, with its
-//! backward: `qkv = W x + b` (the query, key and value 1x1 convolutions as one GEMM),
-//! `energy = q^T k`, a softmax over the keys and `o = v A^T`.
+//! The core of the SAGAN attention block as one candle custom op on CPU, with its backward:
+//! `qkv = W x + b` (the query, key and value 1x1 convolutions as one GEMM), in the pooled form
+//! keys and values 2x2 max-pooled, `energy = q^T k`, a softmax over the keys and `o = v A^T`.
 //!
-//! Composed from candle's ops the block materialises [B, N, N] tensors (energy, map, their
-//! transposes and gradients: 256 MiB each for a 32x32 layer at batch 64), every one a full
-//! pass and a fresh allocation, and candle accumulates each gradient through another. Here the
-//! work runs per batch item, items in parallel, and the [N, N] map lives in a per-item scratch
-//! buffer; the backward recomputes it (and qkv) from the inputs rather than keeping it.
+//! Composed from candle's ops the block materialises [B, N, M] tensors (energy, map, their
+//! transposes and gradients: 256 MiB each for a plain 32x32 layer at batch 64), every one a
+//! full pass and a fresh allocation, and candle accumulates each gradient through another. Here
+//! the work runs per batch item, items in parallel, and the [N, M] map lives in a per-item
+//! scratch buffer; the backward recomputes it (and qkv) from the inputs rather than keeping it.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -17,10 +17,20 @@ use super::softmax::{softmax_grad_in_place, softmax_in_place};
 
 /// `o [B, Cv, H, W]` of the attention core for `x [B, C, H, W]`, the stacked 1x1 weights
 /// `w [2 * query_channels + Cv, C]` (query rows, then key rows, then value rows) and biases
-/// `b [2 * query_channels + Cv]`. Differentiable in all three. f32 CPU tensors only: see
-/// `supports`.
-pub fn attention_core(x: &Tensor, w: &Tensor, b: &Tensor, query_channels: usize) -> Result<Tensor> {
-    let geom = Geom::new(x.dims(), w.dims(), query_channels)?;
+/// `b [2 * query_channels + Cv]`; `pooled` max-pools keys and values 2x2 (H and W even).
+/// Differentiable in all three. f32 CPU tensors only: see `supports`.
+pub fn attention_core(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    query_channels: usize,
+    pooled: bool,
+) -> Result<Tensor> {
+    let op = AttentionCore {
+        query_channels,
+        pooled,
+    };
+    let geom = op.geom(x.dims(), w.dims())?;
     if b.dims() != [geom.rows] {
         candle_core::bail!(
             "attention core: bias shape {:?}, expected [{}]",
@@ -28,11 +38,8 @@ pub fn attention_core(x: &Tensor, w: &Tensor, b: &Tensor, query_channels: usize)
             geom.rows
         );
     }
-    x.contiguous()?.apply_op3(
-        &w.contiguous()?,
-        &b.contiguous()?,
-        AttentionCore { query_channels },
-    )
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
 /// Whether the fused kernels can run on `x`.
@@ -50,11 +57,25 @@ struct Geom {
     rows: usize,
     h: usize,
     w: usize,
+    /// Query positions N = H * W.
     positions: usize,
+    /// Key positions M: N, or N / 4 when pooled.
+    keys: usize,
+    pooled: bool,
+}
+
+/// Per-item buffers of the forward and the backward.
+struct Scratch {
+    qkv: Vec<f32>,
+    /// Pooled keys and values [query + value, M] (pooled form only).
+    kv: Vec<f32>,
+    /// For each pooled key/value element, the position of its maximum (pooled form only).
+    argmax: Vec<u32>,
+    map: Vec<f32>,
 }
 
 impl Geom {
-    fn new(x: &[usize], w: &[usize], query: usize) -> Result<Self> {
+    fn new(x: &[usize], w: &[usize], query: usize, pooled: bool) -> Result<Self> {
         let (&[batch, channels, h, wd], &[rows, w_in]) = (x, w) else {
             candle_core::bail!("attention core: x {x:?} must be [B, C, H, W], w {w:?} [rows, C]");
         };
@@ -63,6 +84,10 @@ impl Geom {
                 "attention core: weight {w:?} does not stack 2 x {query} query/key rows and value rows over {channels} channels"
             );
         }
+        if pooled && (h % 2 != 0 || wd % 2 != 0) {
+            candle_core::bail!("attention core: pooling 2x2 needs an even size, got {h}x{wd}");
+        }
+        let positions = h * wd;
         Ok(Self {
             batch,
             channels,
@@ -71,44 +96,102 @@ impl Geom {
             rows,
             h,
             w: wd,
-            positions: h * wd,
+            positions,
+            keys: if pooled { positions / 4 } else { positions },
+            pooled,
         })
     }
 
-    /// `qkv [rows, N] = w x + b` for one item.
-    fn project(&self, w: &[f32], b: &[f32], x: &[f32], qkv: &mut [f32]) -> Result<()> {
+    fn scratch(&self) -> Scratch {
+        let kv_len = if self.pooled {
+            (self.query + self.value) * self.keys
+        } else {
+            0
+        };
+        Scratch {
+            qkv: vec![0f32; self.rows * self.positions],
+            kv: vec![0f32; kv_len],
+            argmax: vec![0; kv_len],
+            map: vec![0f32; self.positions * self.keys],
+        }
+    }
+
+    /// For one item: `qkv [rows, N] = w x + b`, the keys and values the map uses (pooled
+    /// into `kv` in the pooled form) and the map `A [N, M] = softmax_rows(q^T k)`.
+    fn forward_item(&self, w: &[f32], b: &[f32], x: &[f32], s: &mut Scratch) -> Result<()> {
         let n = self.positions;
         matmul_serial(
-            qkv,
+            &mut s.qkv,
             MatRef::row_major(w, self.rows, self.channels),
             MatRef::row_major(x, self.channels, n),
             false,
         )?;
-        for (row, &bias) in qkv.chunks_mut(n).zip(b) {
+        for (row, &bias) in s.qkv.chunks_mut(n).zip(b) {
             row.iter_mut().for_each(|v| *v += bias);
         }
+        if self.pooled {
+            self.max_pool(&s.qkv[self.query * n..], &mut s.kv, &mut s.argmax);
+        }
+        let q = MatRef::row_major(&s.qkv[..self.query * n], self.query, n);
+        let keys = match self.pooled {
+            true => &s.kv[..self.query * self.keys],
+            false => &s.qkv[self.query * n..2 * self.query * n],
+        };
+        let k = MatRef::row_major(keys, self.query, self.keys);
+        matmul_serial(&mut s.map, q.t(), k, false)?;
+        s.map.chunks_mut(self.keys).for_each(softmax_in_place);
         Ok(())
     }
 
-    /// The attention map `A [N, N] = softmax_rows(q^T k)` of one item from its qkv.
-    fn attention_map(&self, qkv: &[f32], map: &mut [f32]) -> Result<()> {
-        let n = self.positions;
-        let q = MatRef::row_major(&qkv[..self.query * n], self.query, n);
-        let k = MatRef::row_major(&qkv[self.query * n..2 * self.query * n], self.query, n);
-        matmul_serial(map, q.t(), k, false)?;
-        map.chunks_mut(n).for_each(softmax_in_place);
-        Ok(())
+    /// Keys then values, [query + value, M], as the map sees them.
+    fn kv<'a>(&self, s: &'a Scratch) -> &'a [f32] {
+        match self.pooled {
+            true => &s.kv,
+            false => &s.qkv[self.query * self.positions..],
+        }
     }
 
-    fn values<'a>(&self, qkv: &'a [f32]) -> MatRef<'a> {
-        let n = self.positions;
-        MatRef::row_major(&qkv[2 * self.query * n..], self.value, n)
+    fn values<'a>(&self, s: &'a Scratch) -> MatRef<'a> {
+        MatRef::row_major(&self.kv(s)[self.query * self.keys..], self.value, self.keys)
+    }
+
+    /// 2x2 max pooling of `rows` planes [.., H, W] into `pooled` [.., H/2, W/2], remembering
+    /// where each maximum came from (the first of equal ones).
+    fn max_pool(&self, planes: &[f32], pooled: &mut [f32], argmax: &mut [u32]) {
+        let (w, pw) = (self.w, self.w / 2);
+        let planes = planes.chunks_exact(self.positions);
+        let outs = pooled
+            .chunks_exact_mut(self.keys)
+            .zip(argmax.chunks_exact_mut(self.keys));
+        for (plane, (out, arg)) in planes.zip(outs) {
+            for (i, (o, a)) in out.iter_mut().zip(arg.iter_mut()).enumerate() {
+                let (r, c) = (2 * (i / pw), 2 * (i % pw));
+                let candidates = [
+                    r * w + c,
+                    r * w + c + 1,
+                    (r + 1) * w + c,
+                    (r + 1) * w + c + 1,
+                ];
+                let best = candidates
+                    .into_iter()
+                    .reduce(|best, p| if plane[p] > plane[best] { p } else { best })
+                    .unwrap_or(0);
+                (*o, *a) = (plane[best], best as u32);
+            }
+        }
     }
 }
 
 #[derive(Clone, Copy, Debug)]
 struct AttentionCore {
     query_channels: usize,
+    pooled: bool,
+}
+
+impl AttentionCore {
+    fn geom(&self, x: &[usize], w: &[usize]) -> Result<Geom> {
+        Geom::new(x, w, self.query_channels, self.pooled)
+    }
 }
 
 impl CustomOp3 for AttentionCore {
@@ -125,7 +208,7 @@ impl CustomOp3 for AttentionCore {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.query_channels)?;
+        let g = self.geom(l1.dims(), l2.dims())?;
         let n = g.positions;
         let x = f32_slice(s1, l1, g.batch * g.channels * n)?;
         let w = f32_slice(s2, l2, g.rows * g.channels)?;
@@ -134,19 +217,12 @@ impl CustomOp3 for AttentionCore {
         o.par_chunks_mut(g.value * n)
             .zip(x.par_chunks(g.channels * n))
             .try_for_each_init(
-                || {
-                    (
-                        vec![0f32; g.rows * n],
-                        vec![0f32; n * n],
-                        vec![0f32; n * g.value],
-                    )
-                },
-                |(qkv, map, o_t), (o, x)| -> Result<()> {
-                    g.project(w, b, x, qkv)?;
-                    g.attention_map(qkv, map)?;
-                    // o^T [N, Cv] = A [N, N] x v^T, then transposed: see `transpose`.
-                    let map = MatRef::row_major(map, n, n);
-                    matmul_serial(o_t, map, g.values(qkv).t(), false)?;
+                || (g.scratch(), vec![0f32; n * g.value]),
+                |(s, o_t), (o, x)| -> Result<()> {
+                    g.forward_item(w, b, x, s)?;
+                    // o^T [N, Cv] = A [N, M] x v^T, then transposed: see `transpose`.
+                    let map = MatRef::row_major(&s.map, n, g.keys);
+                    matmul_serial(o_t, map, g.values(s).t(), false)?;
                     transpose(o_t, n, g.value, o);
                     Ok(())
                 },
@@ -166,7 +242,7 @@ impl CustomOp3 for AttentionCore {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = AttentionCoreGrad {
-            query_channels: self.query_channels,
+            core: *self,
             bias: b.to_vec1()?,
         };
         // One buffer holds [dx (B*C*N), dw (rows*C), db (rows)]: a custom op has one output.
@@ -186,7 +262,7 @@ impl CustomOp3 for AttentionCore {
 /// `dst [cols, rows] = src [rows, cols]^T`, both row-major.
 ///
 /// The GEMM kernels stream their left operand down columns and pack (copy) it when it is
-/// row-major; for the two products with the [N, N] map on the right transposed (o = v A^T and
+/// row-major; for the two products with the [N, M] map on the right transposed (o = v A^T and
 /// dq = k dE^T) that would copy the whole map per product. Computing the transposed product
 /// instead packs the small operand, and transposing the small result back is cheap.
 fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
@@ -199,10 +275,11 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 
 /// Backward of `AttentionCore`: `(x, w, do)` to `[dx, dw, db]` flattened. Per item, with
 /// A recomputed: dv = do A, dA = do^T v, dE = A * (dA - rowsum(dA * A)), dq = k dE^T,
-/// dk = q dE, then dx = w^T dqkv; dw = sum over items of dqkv x^T and db of dqkv's row sums,
+/// dk = q dE (pooled keys and values: their gradients go back to where each maximum came
+/// from), then dx = w^T dqkv; dw = sum over items of dqkv x^T and db of dqkv's row sums,
 /// summed in item order after the parallel part so that results do not depend on scheduling.
 struct AttentionCoreGrad {
-    query_channels: usize,
+    core: AttentionCore,
     bias: Vec<f32>,
 }
 
@@ -220,8 +297,8 @@ impl CustomOp3 for AttentionCoreGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.query_channels)?;
-        let n = g.positions;
+        let g = self.core.geom(l1.dims(), l2.dims())?;
+        let (n, m) = (g.positions, g.keys);
         let x = f32_slice(s1, l1, g.batch * g.channels * n)?;
         let w = f32_slice(s2, l2, g.rows * g.channels)?;
         let grad = f32_slice(s3, l3, g.batch * g.value * n)?;
@@ -230,7 +307,7 @@ impl CustomOp3 for AttentionCoreGrad {
         let mut dqkv_all = vec![0f32; g.batch * g.rows * n];
         let (dx_all, rest) = out.split_at_mut(nx);
         let (dw, db) = rest.split_at_mut(nw);
-        let (q_len, k_end) = (g.query * n, 2 * g.query * n);
+        let q_len = g.query * n;
         dx_all
             .par_chunks_mut(g.channels * n)
             .zip(dqkv_all.par_chunks_mut(g.rows * n))
@@ -240,31 +317,46 @@ impl CustomOp3 for AttentionCoreGrad {
             )
             .try_for_each_init(
                 || {
-                    let qkv = vec![0f32; g.rows * n];
-                    let maps = (vec![0f32; n * n], vec![0f32; n * n]);
-                    (qkv, maps, vec![0f32; n * g.query])
+                    let dmap = vec![0f32; n * m];
+                    let dkv = vec![0f32; (g.query + g.value) * m];
+                    (g.scratch(), dmap, dkv, vec![0f32; n * g.query])
                 },
-                |(qkv, (map, dmap), dq_t), ((dx, dqkv), (x, d_o))| -> Result<()> {
-                    g.project(w, &self.bias, x, qkv)?;
-                    g.attention_map(qkv, map)?;
+                |(s, dmap, dkv, dq_t), ((dx, dqkv), (x, d_o))| -> Result<()> {
+                    g.forward_item(w, &self.bias, x, s)?;
                     let d_o = MatRef::row_major(d_o, g.value, n);
-                    let a = MatRef::row_major(map, n, n);
-                    // dv [Cv, N] = do [Cv, N] x A [N, N]
-                    matmul_serial(&mut dqkv[k_end..], d_o, a, false)?;
-                    // dA [N, N] = do^T [N, Cv] x v [Cv, N], then dE in place.
-                    matmul_serial(dmap, d_o.t(), g.values(qkv), false)?;
-                    for (de, a) in dmap.chunks_mut(n).zip(map.chunks(n)) {
+                    let a = MatRef::row_major(&s.map, n, m);
+                    let (dq, dkv_full) = dqkv.split_at_mut(q_len);
+                    // Gradients of the keys and values the map saw: pooled ones in `dkv`.
+                    let dkv_seen: &mut [f32] = match g.pooled {
+                        true => &mut dkv[..],
+                        false => &mut *dkv_full,
+                    };
+                    let (dk, dv) = dkv_seen.split_at_mut(g.query * m);
+                    // dv [Cv, M] = do [Cv, N] x A [N, M]
+                    matmul_serial(dv, d_o, a, false)?;
+                    // dA [N, M] = do^T [N, Cv] x v [Cv, M], then dE in place.
+                    matmul_serial(dmap, d_o.t(), g.values(s), false)?;
+                    for (de, a) in dmap.chunks_mut(m).zip(s.map.chunks(m)) {
                         softmax_grad_in_place(a, de);
                     }
-                    let de = MatRef::row_major(dmap, n, n);
-                    let q = MatRef::row_major(&qkv[..q_len], g.query, n);
-                    let k = MatRef::row_major(&qkv[q_len..k_end], g.query, n);
-                    let (dq, dk) = dqkv[..k_end].split_at_mut(q_len);
+                    let de = MatRef::row_major(dmap, n, m);
+                    let q = MatRef::row_major(&s.qkv[..q_len], g.query, n);
+                    let k = MatRef::row_major(&g.kv(s)[..g.query * m], g.query, m);
                     // dq = k dE^T, as dq^T = dE k^T (see `transpose`).
                     matmul_serial(dq_t, de, k.t(), false)?;
                     transpose(dq_t, n, g.query, dq);
                     matmul_serial(dk, q, de, false)?; // dk = q dE
-                                                      // dx [C, N] = w^T [C, rows] x dqkv [rows, N]
+                    if g.pooled {
+                        dkv_full.fill(0.0);
+                        let planes = dkv_full.chunks_exact_mut(n);
+                        let pooled = dkv.chunks_exact(m).zip(s.argmax.chunks_exact(m));
+                        for (plane, (d, arg)) in planes.zip(pooled) {
+                            for (&d, &p) in d.iter().zip(arg) {
+                                plane[p as usize] += d;
+                            }
+                        }
+                    }
+                    // dx [C, N] = w^T [C, rows] x dqkv [rows, N]
                     let w = MatRef::row_major(w, g.rows, g.channels);
                     matmul_serial(dx, w.t(), MatRef::row_major(dqkv, g.rows, n), false)
                 },
@@ -292,7 +384,7 @@ mod tests {
     use candle_core::{Var, D};
 
     /// The same computation composed from candle's ops.
-    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, query: usize) -> Tensor {
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, query: usize, pooled: bool) -> Tensor {
         let (batch, c, h, wd) = x.dims4().unwrap();
         let rows = w.dim(0).unwrap();
         let x = x.reshape((batch, c, h * wd)).unwrap();
@@ -301,9 +393,21 @@ mod tests {
             .unwrap()
             .broadcast_add(&b.reshape((1, rows, 1)).unwrap())
             .unwrap();
+        let keys = |start: usize, len: usize| {
+            let t = qkv.narrow(1, start, len).unwrap();
+            match pooled {
+                true => {
+                    crate::model::attention::max_pool2(&t.reshape((batch, len, h, wd)).unwrap())
+                        .unwrap()
+                        .flatten_from(2)
+                        .unwrap()
+                }
+                false => t,
+            }
+        };
         let q = qkv.narrow(1, 0, query).unwrap();
-        let k = qkv.narrow(1, query, query).unwrap();
-        let v = qkv.narrow(1, 2 * query, rows - 2 * query).unwrap();
+        let k = keys(query, query);
+        let v = keys(2 * query, rows - 2 * query);
         let energy = q.transpose(1, 2).unwrap().matmul(&k).unwrap();
         let map = candle_nn::ops::softmax(&energy, D::Minus1).unwrap();
         v.matmul(&map.t().unwrap())
@@ -324,9 +428,15 @@ mod tests {
 
     #[test]
     fn forward_and_gradients_match_composed_ops() {
-        // (batch, channels, h, w, query, value): the plain block's value = channels, and another.
-        for (batch, c, h, wd, query, value) in [(3, 16, 5, 4, 2, 16), (2, 8, 3, 3, 1, 5)] {
-            let what = format!("B{batch} C{c} {h}x{wd} q{query} v{value}");
+        // (batch, channels, h, w, query, value, pooled): the plain block's value = channels,
+        // the pooled block's channels / 2, and others.
+        for (batch, c, h, wd, query, value, pooled) in [
+            (3, 16, 5, 4, 2, 16, false),
+            (2, 8, 3, 3, 1, 5, false),
+            (3, 16, 6, 4, 2, 8, true),
+            (2, 8, 2, 2, 1, 3, true),
+        ] {
+            let what = format!("B{batch} C{c} {h}x{wd} q{query} v{value} pooled {pooled}");
             let rows = 2 * query + value;
             let x = Var::from_tensor(&input(batch, c, h, wd, 1)).unwrap();
             // Scaled up so the maps are far from uniform.
@@ -335,8 +445,8 @@ mod tests {
             )
             .unwrap();
             let b = Var::from_tensor(&input(1, 1, 1, rows, 3).flatten_all().unwrap()).unwrap();
-            let fused = attention_core(&x, &w, &b, query).unwrap();
-            let want = reference(&x, &w, &b, query);
+            let fused = attention_core(&x, &w, &b, query, pooled).unwrap();
+            let want = reference(&x, &w, &b, query, pooled);
             assert_close(&fused, &want, &format!("{what} forward"));
             let r = input(batch, value, h, wd, 4);
             let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -356,7 +466,7 @@ mod tests {
         let x = Var::from_tensor(&input(2, 8, 3, 3, 1)).unwrap();
         let w = input(1, 1, 10, 8, 2).reshape((10, 8)).unwrap();
         let b = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
-        let y = attention_core(&x, &w, &b, 1).unwrap();
+        let y = attention_core(&x, &w, &b, 1, false).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_some());
         assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
@@ -367,10 +477,23 @@ mod tests {
         let x = input(2, 8, 3, 3, 1);
         let w = Tensor::zeros((10, 8), DType::F32, &Device::Cpu).unwrap();
         let b = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
-        assert!(attention_core(&x, &w, &b, 5).is_err(), "no value rows left");
+        assert!(
+            attention_core(&x, &w, &b, 5, false).is_err(),
+            "no value rows left"
+        );
         let w7 = Tensor::zeros((10, 7), DType::F32, &Device::Cpu).unwrap();
-        assert!(attention_core(&x, &w7, &b, 1).is_err(), "channel mismatch");
+        assert!(
+            attention_core(&x, &w7, &b, 1, false).is_err(),
+            "channel mismatch"
+        );
         let b9 = Tensor::zeros(9, DType::F32, &Device::Cpu).unwrap();
-        assert!(attention_core(&x, &w, &b9, 1).is_err(), "bias length");
+        assert!(
+            attention_core(&x, &w, &b9, 1, false).is_err(),
+            "bias length"
+        );
+        assert!(
+            attention_core(&x, &w, &b, 1, true).is_err(),
+            "odd size, pooled"
+        );
     }
 }

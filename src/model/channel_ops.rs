@@ -293,10 +293,7 @@ pub fn batch_norm_act(
     train: bool,
 ) -> Result<Tensor> {
     let kernel_act = Act::new(act, leaky_slope);
-    let affine = bn.weight_and_bias();
-    let (Some(kernel_act), Some((gamma, beta)), true, true) =
-        (kernel_act, affine, train, takes_fast_path(x))
-    else {
+    let (Some(kernel_act), true, true) = (kernel_act, train, takes_fast_path(x)) else {
         let x = match bias {
             Some(b) => x.broadcast_add(&per_channel(b, x)?)?,
             None => x.clone(),
@@ -307,13 +304,22 @@ pub fn batch_norm_act(
             leaky_slope,
         );
     };
+    // A norm without scale and shift: the constants 1 and 0, which the graph does not track.
+    let (gamma, beta) = match bn.weight_and_bias() {
+        Some((gamma, beta)) => (gamma.clone(), beta.clone()),
+        None => {
+            let c = bn.running_mean().elem_count();
+            let ones = Tensor::ones(c, DType::F32, x.device())?;
+            (ones, Tensor::zeros(c, DType::F32, x.device())?)
+        }
+    };
     let op = BatchNormAct {
         act: kernel_act,
         eps: bn.eps() as f32,
         stats: Arc::default(),
     };
     let stats = op.stats.clone();
-    let y = x.contiguous()?.apply_op3(gamma, beta, op)?;
+    let y = x.contiguous()?.apply_op3(&gamma, &beta, op)?;
     let stats = read_stats(&stats)?;
     update_running_stats(bn, &stats, bias, x.elem_count() / stats.mean.len())?;
     Ok(y)
@@ -424,7 +430,7 @@ impl CustomOp3 for BatchNormAct {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -439,7 +445,11 @@ impl CustomOp3 for BatchNormAct {
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
         let dgamma = packed.narrow(0, n, c)?;
         let dbeta = packed.narrow(0, n + c, c)?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        Ok((
+            x.track_op().then_some(dx),
+            gamma.track_op().then_some(dgamma),
+            beta.track_op().then_some(dbeta),
+        ))
     }
 }
 
@@ -687,6 +697,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn batch_norm_without_scale_and_shift_matches_candle() {
+        let config = BatchNormConfig {
+            affine: false,
+            ..Default::default()
+        };
+        let [fused_bn, ref_bn] = std::array::from_fn(|_| {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            candle_nn::batch_norm(5, config, vb).unwrap()
+        });
+        let x = Var::from_tensor(&input(3, 5, 4, 4, 12)).unwrap();
+        let fused = batch_norm_act(&x, None, &fused_bn, Activation::Relu, 0.1, true).unwrap();
+        let reference = candle_nn::ModuleT::forward_t(&ref_bn, &x, true)
+            .unwrap()
+            .relu()
+            .unwrap();
+        assert_close(&fused, &reference, "forward");
+        assert_close(
+            backward(&fused, 2).get(&x).unwrap(),
+            backward(&reference, 2).get(&x).unwrap(),
+            "dx",
+        );
+        assert_close(fused_bn.running_var(), ref_bn.running_var(), "running_var");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The class-conditional pieces of the paper's ImageNet model: conditional batch norm in G
 //! (de Vries et al. 2017) and the projection head of D (Miyato & Koyama 2018).
 
+use super::channel_ops::{batch_norm_act, bias_act};
+use super::param;
 use super::spectral_norm::{SNLinear, SpectralNorm};
+use crate::config::Activation;
 use candle_core::{bail, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 
@@ -42,10 +45,22 @@ impl ClassBatchNorm {
 
     /// `classes` [B] (u32) is required by a conditional norm and ignored otherwise.
     pub fn forward(&self, x: &Tensor, classes: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let y = self.bn.forward_t(x, train)?;
+        self.forward_act(x, classes, Activation::None, 0.0, train)
+    }
+
+    /// `act(norm(x))`, through the fused batch-norm kernels (`channel_ops`).
+    pub fn forward_act(
+        &self,
+        x: &Tensor,
+        classes: Option<&Tensor>,
+        act: Activation,
+        leaky_slope: f64,
+        train: bool,
+    ) -> Result<Tensor> {
         let Some((gain, bias)) = &self.tables else {
-            return Ok(y);
+            return batch_norm_act(x, None, &self.bn, act, leaky_slope, train);
         };
+        let y = batch_norm_act(x, None, &self.bn, Activation::None, 0.0, train)?;
         let Some(classes) = classes else {
             bail!("a class-conditional batch norm needs the class of every image")
         };
@@ -53,8 +68,11 @@ impl ClassBatchNorm {
             let rows = table.index_select(classes, 0)?; // [B, C]
             rows.unsqueeze(2)?.unsqueeze(3)
         };
-        y.broadcast_mul(&per_image(gain)?)?
-            .broadcast_add(&per_image(bias)?)
+        let (gain, bias) = (param(gain, train), param(bias, train));
+        let y = y
+            .broadcast_mul(&per_image(&gain)?)?
+            .broadcast_add(&per_image(&bias)?)?;
+        bias_act(&y, None, act, leaky_slope)
     }
 }
 
@@ -88,7 +106,7 @@ impl ProjectionHead {
 
     /// Logits [B, 1, 1, 1] for features `x` [B, C, H, W].
     pub fn forward(&self, x: &Tensor, classes: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let pooled = x.relu()?.sum((2, 3))?; // [B, C]
+        let pooled = bias_act(x, None, Activation::Relu, 0.0)?.sum((2, 3))?; // [B, C]
         let mut logits = self.linear.forward_t(&pooled, train)?; // [B, 1]
         if let Some(embedding) = &self.embedding {
             let Some(classes) = classes else {

@@ -1,8 +1,11 @@
 //! The residual blocks of the paper's ResNet SAGAN (the BigGAN layout): G's blocks upsample
 //! and take the class through conditional batch norm, D's blocks downsample.
 
+use super::channel_ops::bias_act;
 use super::conditional::ClassBatchNorm;
+use super::param;
 use super::spectral_norm::{ConvKind, SNConv2d};
+use crate::config::Activation;
 use crate::config::{DiscriminatorBlockConfig, GeneratorBlockConfig};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -71,9 +74,10 @@ impl GeneratorBlock {
 
     pub fn forward(&self, x: &Tensor, classes: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let up = |t: Tensor| if self.upsample { upsample2(&t) } else { Ok(t) };
-        let h = self.norm1.forward(x, classes, train)?.relu()?;
+        let relu = Activation::Relu;
+        let h = self.norm1.forward_act(x, classes, relu, 0.0, train)?;
         let h = self.conv1.forward_t(&up(h)?, train)?;
-        let h = self.norm2.forward(&h, classes, train)?.relu()?;
+        let h = self.norm2.forward_act(&h, classes, relu, 0.0, train)?;
         let h = self.conv2.forward_t(&h, train)?;
         // 1x1 conv before the upsample: the same function (both are linear and per-pixel),
         // at a quarter of the cost.
@@ -122,10 +126,16 @@ impl DiscriminatorBlock {
             }
         };
         let h = match self.preactivation {
-            true => x.relu()?,
+            true => bias_act(x, None, Activation::Relu, 0.0)?,
             false => x.clone(),
         };
-        let h = self.conv1.forward_t(&h, train)?.relu()?;
+        let h = self.conv1.forward_unbiased(&h, train)?;
+        let h = bias_act(
+            &h,
+            Some(&param(self.conv1.bias(), train)),
+            Activation::Relu,
+            0.0,
+        )?;
         let h = down(self.conv2.forward_t(&h, train)?)?;
         // Pool before the 1x1 conv: the same function (both linear), a quarter of the cost.
         let skip = down(x.clone())?;
