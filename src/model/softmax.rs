@@ -7,7 +7,7 @@
 //! scale) and the backward, dx = y * (dy - <dy, y>), another.
 
 use super::cpu_storage::f32_slice;
-use super::vector_math::{exp, lane_max, lane_sum};
+use super::vector_math::{exp, lane_max, lane_sum, lane_sum_mut};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -74,10 +74,7 @@ unsafe fn softmax_in_place_avx2(row: &mut [f32]) {
 #[inline(always)]
 fn softmax_in_place_portable(row: &mut [f32]) {
     let max = lane_max(row);
-    for y in row.iter_mut() {
-        *y = exp(*y - max);
-    }
-    let scale = 1.0 / lane_sum(row, |_, y| y);
+    let scale = 1.0 / lane_sum_mut(row, |y| exp(y - max));
     row.iter_mut().for_each(|y| *y *= scale);
 }
 

@@ -24,6 +24,26 @@ pub(super) fn lane_sum(xs: &[f32], mut term: impl FnMut(usize, f32) -> f32) -> f
     total
 }
 
+/// Replaces every element by `f(element)` and returns the sum of the new values, in one pass
+/// with independent lanes.
+#[inline(always)]
+pub(super) fn lane_sum_mut(xs: &mut [f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(chunk.iter_mut()) {
+            *x = f(*x);
+            *a += *x;
+        }
+    }
+    let mut total: f32 = acc.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = f(*x);
+        total += *x;
+    }
+    total
+}
+
 /// Largest element (-inf for an empty slice), in independent lanes.
 #[inline(always)]
 pub(super) fn lane_max(xs: &[f32]) -> f32 {
@@ -96,6 +116,12 @@ mod tests {
                 .collect();
             let sum: f32 = xs.iter().sum();
             assert!((lane_sum(&xs, |_, v| v) - sum).abs() < 1e-5, "sum of {len}");
+            let mut doubled = xs.clone();
+            assert!((lane_sum_mut(&mut doubled, |v| 2.0 * v) - 2.0 * sum).abs() < 1e-5);
+            assert!(
+                doubled.iter().zip(&xs).all(|(d, x)| *d == 2.0 * x),
+                "doubled {len}"
+            );
             let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(lane_max(&xs), max, "max of {len}");
         }
