@@ -150,6 +150,27 @@ mod tests {
         assert!(max_abs(&(ours - reference).unwrap()) < 1e-6);
     }
 
+    /// Machines without AVX2 take the portable build of the same row kernel.
+    #[test]
+    fn portable_and_dispatched_rows_agree() {
+        for len in [1, 7, 16, 33, 196, 1024] {
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 % 97) as f32 - 48.0) * 0.3)
+                .collect();
+            let (mut portable, mut dispatched) = (row.clone(), row.clone());
+            softmax_in_place_portable(&mut portable);
+            softmax_in_place(&mut dispatched);
+            let worst = portable
+                .iter()
+                .zip(&dispatched)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-7, "row of {len}: {worst}");
+            let sum: f32 = portable.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5, "row of {len} sums to {sum}");
+        }
+    }
+
     #[test]
     fn large_logits_do_not_overflow() {
         let x = Tensor::new(&[[1000f32, 1000., -1000.]], &Device::Cpu).unwrap();

@@ -26,6 +26,43 @@ pub struct Adam {
     steps: u64,
 }
 
+/// One variable's Adam step from its moments `(m, v)` and gradient; returns the new moments.
+/// `in_place` updates the three buffers with the fused CPU kernels (`inplace`), which round
+/// exactly as the composed candle ops do.
+fn update(
+    var: &Var,
+    (m, v): (Tensor, Tensor),
+    grad: &Tensor,
+    cfg: AdamConfig,
+    (correction1, correction2): (f64, f64),
+    in_place: bool,
+) -> Result<(Tensor, Tensor)> {
+    let AdamConfig {
+        lr,
+        beta1,
+        beta2,
+        eps,
+    } = cfg;
+    if in_place {
+        let moment = |keep, square| inplace::Lerp { keep, square };
+        m.inplace_op2(grad, &moment(beta1, false))?;
+        v.inplace_op2(grad, &moment(beta2, true))?;
+        let apply = inplace::AdamApply {
+            lr,
+            correction1,
+            correction2,
+            eps,
+        };
+        var.as_tensor().inplace_op3(&m, &v, &apply)?;
+        return Ok((m, v));
+    }
+    let m = ((m * beta1)? + (grad * (1.0 - beta1))?)?;
+    let v = ((v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+    let update = ((&m / correction1)? / ((&v / correction2)?.sqrt()? + eps)?)?;
+    var.set(&(var.as_tensor() - (update * lr)?)?)?;
+    Ok((m, v))
+}
+
 impl Adam {
     pub fn new(varmap: &VarMap, cfg: AdamConfig) -> Self {
         let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
@@ -50,12 +87,7 @@ impl Adam {
 
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.steps += 1;
-        let AdamConfig {
-            lr,
-            beta1,
-            beta2,
-            eps,
-        } = self.cfg;
+        let AdamConfig { beta1, beta2, .. } = self.cfg;
         let correction1 = 1.0 - beta1.powi(self.steps as i32);
         let correction2 = 1.0 - beta2.powi(self.steps as i32);
         for (name, var) in &self.vars {
@@ -69,40 +101,11 @@ impl Adam {
                 Some(state) => state.clone(),
                 None => (grad.zeros_like()?, grad.zeros_like()?),
             };
-            let fused = [var.as_tensor(), &m, &v, &grad]
+            let in_place = [var.as_tensor(), &m, &v, &grad]
                 .into_iter()
                 .all(inplace::supported);
-            let (m, v) = if fused {
-                let grad = &grad;
-                m.inplace_op2(
-                    grad,
-                    &inplace::Lerp {
-                        keep: beta1,
-                        square: false,
-                    },
-                )?;
-                v.inplace_op2(
-                    grad,
-                    &inplace::Lerp {
-                        keep: beta2,
-                        square: true,
-                    },
-                )?;
-                let apply = inplace::AdamApply {
-                    lr,
-                    correction1,
-                    correction2,
-                    eps,
-                };
-                var.as_tensor().inplace_op3(&m, &v, &apply)?;
-                (m, v)
-            } else {
-                let m = ((m * beta1)? + (&grad * (1.0 - beta1))?)?;
-                let v = ((v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-                let update = ((&m / correction1)? / ((&v / correction2)?.sqrt()? + eps)?)?;
-                var.set(&(var.as_tensor() - (update * lr)?)?)?;
-                (m, v)
-            };
+            let corrections = (correction1, correction2);
+            let (m, v) = update(var, (m, v), &grad, self.cfg, corrections, in_place)?;
             self.moments.insert(name.clone(), (m, v));
         }
         Ok(())
@@ -197,6 +200,34 @@ mod tests {
                 assert!((g - e).abs() < 1e-5, "step {step}: {got:?}");
             }
         }
+    }
+
+    #[test]
+    fn in_place_kernels_give_the_composed_ops_numbers_bit_for_bit() {
+        let cfg = AdamConfig {
+            lr: 4e-4,
+            beta1: 0.5,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        let data = |seed: u64| {
+            let v = crate::rng::normal_vec(&mut crate::rng::stream(seed, 1), 1000);
+            Tensor::from_vec(v, 1000, &Device::Cpu).unwrap()
+        };
+        let (w0, g, m0) = (data(1), data(2), data(3));
+        let v0 = data(4).sqr().unwrap();
+        let results: Vec<Vec<Vec<f32>>> = [true, false]
+            .into_iter()
+            .map(|in_place| {
+                let var = Var::from_tensor(&w0.copy().unwrap()).unwrap();
+                let moments = (m0.copy().unwrap(), v0.copy().unwrap());
+                let (m, v) = update(&var, moments, &g, cfg, (0.75, 0.002), in_place).unwrap();
+                [var.as_tensor(), &m, &v]
+                    .map(|t| t.to_vec1::<f32>().unwrap())
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(results[0], results[1]);
     }
 
     #[test]
