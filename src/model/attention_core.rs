@@ -62,6 +62,9 @@ struct Geom {
     /// Key positions M: N, or N / 4 when pooled.
     keys: usize,
     pooled: bool,
+    /// Fewer items than threads (batch 1 at high resolution): each item's products and rows
+    /// use all threads, instead of one item per thread.
+    split_items: bool,
 }
 
 /// Per-item buffers of the forward and the backward.
@@ -99,7 +102,27 @@ impl Geom {
             positions,
             keys: if pooled { positions / 4 } else { positions },
             pooled,
+            split_items: batch < rayon::current_num_threads(),
         })
+    }
+
+    /// `dst = a x b` on the item's share of the threads.
+    fn gemm(&self, dst: &mut [f32], a: MatRef, b: MatRef) -> Result<()> {
+        match self.split_items {
+            true => matmul(dst, a, b, false),
+            false => matmul_serial(dst, a, b, false),
+        }
+    }
+
+    /// `f` on every row of `rows` (rows of `len`), on the item's share of the threads.
+    fn each_row(&self, rows: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+        match self.split_items {
+            true => rows
+                .par_chunks_mut(len)
+                .enumerate()
+                .for_each(|(i, r)| f(i, r)),
+            false => rows.chunks_mut(len).enumerate().for_each(|(i, r)| f(i, r)),
+        }
     }
 
     fn scratch(&self) -> Scratch {
@@ -120,11 +143,10 @@ impl Geom {
     /// into `kv` in the pooled form) and the map `A [N, M] = softmax_rows(q^T k)`.
     fn forward_item(&self, w: &[f32], b: &[f32], x: &[f32], s: &mut Scratch) -> Result<()> {
         let n = self.positions;
-        matmul_serial(
+        self.gemm(
             &mut s.qkv,
             MatRef::row_major(w, self.rows, self.channels),
             MatRef::row_major(x, self.channels, n),
-            false,
         )?;
         for (row, &bias) in s.qkv.chunks_mut(n).zip(b) {
             row.iter_mut().for_each(|v| *v += bias);
@@ -138,8 +160,8 @@ impl Geom {
             false => &s.qkv[self.query * n..2 * self.query * n],
         };
         let k = MatRef::row_major(keys, self.query, self.keys);
-        matmul_serial(&mut s.map, q.t(), k, false)?;
-        s.map.chunks_mut(self.keys).for_each(softmax_in_place);
+        self.gemm(&mut s.map, q.t(), k)?;
+        self.each_row(&mut s.map, self.keys, |_, row| softmax_in_place(row));
         Ok(())
     }
 
@@ -222,7 +244,7 @@ impl CustomOp3 for AttentionCore {
                     g.forward_item(w, b, x, s)?;
                     // o^T [N, Cv] = A [N, M] x v^T, then transposed: see `transpose`.
                     let map = MatRef::row_major(&s.map, n, g.keys);
-                    matmul_serial(o_t, map, g.values(s).t(), false)?;
+                    g.gemm(o_t, map, g.values(s).t())?;
                     transpose(o_t, n, g.value, o);
                     Ok(())
                 },
@@ -333,19 +355,20 @@ impl CustomOp3 for AttentionCoreGrad {
                     };
                     let (dk, dv) = dkv_seen.split_at_mut(g.query * m);
                     // dv [Cv, M] = do [Cv, N] x A [N, M]
-                    matmul_serial(dv, d_o, a, false)?;
+                    g.gemm(dv, d_o, a)?;
                     // dA [N, M] = do^T [N, Cv] x v [Cv, M], then dE in place.
-                    matmul_serial(dmap, d_o.t(), g.values(s), false)?;
-                    for (de, a) in dmap.chunks_mut(m).zip(s.map.chunks(m)) {
-                        softmax_grad_in_place(a, de);
-                    }
+                    g.gemm(dmap, d_o.t(), g.values(s))?;
+                    let map = &s.map;
+                    g.each_row(dmap, m, |i, de| {
+                        softmax_grad_in_place(&map[i * m..(i + 1) * m], de)
+                    });
                     let de = MatRef::row_major(dmap, n, m);
                     let q = MatRef::row_major(&s.qkv[..q_len], g.query, n);
                     let k = MatRef::row_major(&g.kv(s)[..g.query * m], g.query, m);
                     // dq = k dE^T, as dq^T = dE k^T (see `transpose`).
-                    matmul_serial(dq_t, de, k.t(), false)?;
+                    g.gemm(dq_t, de, k.t())?;
                     transpose(dq_t, n, g.query, dq);
-                    matmul_serial(dk, q, de, false)?; // dk = q dE
+                    g.gemm(dk, q, de)?; // dk = q dE
                     if g.pooled {
                         dkv_full.fill(0.0);
                         let planes = dkv_full.chunks_exact_mut(n);
@@ -358,7 +381,7 @@ impl CustomOp3 for AttentionCoreGrad {
                     }
                     // dx [C, N] = w^T [C, rows] x dqkv [rows, N]
                     let w = MatRef::row_major(w, g.rows, g.channels);
-                    matmul_serial(dx, w.t(), MatRef::row_major(dqkv, g.rows, n), false)
+                    g.gemm(dx, w.t(), MatRef::row_major(dqkv, g.rows, n))
                 },
             )?;
         for (item, (dqkv, x)) in dqkv_all
@@ -380,7 +403,7 @@ impl CustomOp3 for AttentionCoreGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{input, max_abs};
+    use crate::model::testing::{self, input};
     use candle_core::{Var, D};
 
     /// The same computation composed from candle's ops.
@@ -417,13 +440,7 @@ mod tests {
     }
 
     fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-        assert_eq!(got.dims(), want.dims(), "{what}: shape");
-        let diff = max_abs(&(got - want).unwrap());
-        let scale = max_abs(want).max(1.0);
-        assert!(
-            diff <= 1e-5 * scale,
-            "{what}: max diff {diff} (scale {scale})"
-        );
+        testing::assert_close(got, want, 1e-5, what);
     }
 
     #[test]
@@ -435,6 +452,9 @@ mod tests {
             (2, 8, 3, 3, 1, 5, false),
             (3, 16, 6, 4, 2, 8, true),
             (2, 8, 2, 2, 1, 3, true),
+            // One item: its products and rows are split over the threads instead.
+            (1, 8, 4, 4, 1, 8, false),
+            (1, 8, 4, 6, 1, 4, true),
         ] {
             let what = format!("B{batch} C{c} {h}x{wd} q{query} v{value} pooled {pooled}");
             let rows = 2 * query + value;

@@ -151,6 +151,29 @@ fn planes_per_task(inner: usize) -> usize {
     (MIN_TASK_ELEMS / inner.max(1)).max(1)
 }
 
+/// `act(x * scale + shift)` per channel of `x` [B, C, inner], with `(scale, shift)` of a
+/// channel from `coefficients`. A scale of 1 is an exact bias add.
+fn affine_act(
+    x: &[f32],
+    c: usize,
+    inner: usize,
+    act: Act,
+    coefficients: impl Fn(usize) -> (f32, f32) + Sync,
+) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    y.par_chunks_mut(inner.max(1))
+        .zip(x.par_chunks(inner.max(1)))
+        .enumerate()
+        .with_min_len(planes_per_task(inner))
+        .for_each(|(plane, (y, x))| {
+            let (scale, shift) = coefficients(plane % c);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = act.apply(x * scale + shift);
+            }
+        });
+    y
+}
+
 #[derive(Clone, Copy, Debug)]
 struct BiasAct {
     act: Act,
@@ -171,18 +194,7 @@ impl CustomOp2 for BiasAct {
         let (c, inner) = planes(l1.dims());
         let x = f32_slice(s1, l1, l1.shape().elem_count())?;
         let bias = f32_slice(s2, l2, c)?;
-        let mut y = vec![0.0f32; x.len()];
-        let act = self.act;
-        y.par_chunks_mut(inner.max(1))
-            .zip(x.par_chunks(inner.max(1)))
-            .enumerate()
-            .with_min_len(planes_per_task(inner))
-            .for_each(|(plane, (y, x))| {
-                let b = bias[plane % c];
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = act.apply(x + b);
-                }
-            });
+        let y = affine_act(x, c, inner, self.act, |ch| (1.0, bias[ch]));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -407,20 +419,10 @@ impl CustomOp3 for BatchNormAct {
             })
             .unzip();
         let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let mut y = vec![0.0f32; x.len()];
-        let act = self.act;
-        y.par_chunks_mut(inner.max(1))
-            .zip(x.par_chunks(inner.max(1)))
-            .enumerate()
-            .with_min_len(planes_per_task(inner))
-            .for_each(|(plane, (y, x))| {
-                let ch = plane % c;
-                let scale = gamma[ch] * inv_std[ch];
-                let shift = beta[ch] - mean[ch] * scale;
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = act.apply(x * scale + shift);
-                }
-            });
+        let y = affine_act(x, c, inner, self.act, |ch| {
+            let scale = gamma[ch] * inv_std[ch];
+            (scale, beta[ch] - mean[ch] * scale)
+        });
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(BatchStats { mean, var, inv_std });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -534,7 +536,7 @@ impl CustomOp3 for BatchNormActGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{input, max_abs};
+    use crate::model::testing::{self, input};
     use candle_core::backprop::GradStore;
     use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
 
@@ -546,13 +548,7 @@ mod tests {
     ];
 
     fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-        assert_eq!(got.dims(), want.dims(), "{what}: shape");
-        let diff = max_abs(&(got - want).unwrap());
-        let scale = max_abs(want).max(1.0);
-        assert!(
-            diff <= 2e-5 * scale,
-            "{what}: max diff {diff} (scale {scale})"
-        );
+        testing::assert_close(got, want, 2e-5, what);
     }
 
     /// Gradients of sum(y * r) for a fixed random r.

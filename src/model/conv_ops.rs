@@ -850,17 +850,7 @@ mod tests {
 
     /// Asserts `got` matches `want` to 1e-4 of `want`'s magnitude.
     fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-        assert_eq!(got.dims(), want.dims(), "{what}: shape");
-        let (got, want) = (to_vec(got), to_vec(want));
-        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(
-            diff <= 1e-4 * scale,
-            "{what}: max abs diff {diff} (scale {scale})"
-        );
+        crate::model::testing::assert_close(got, want, 1e-4, what);
     }
 
     fn conv_inputs(c: &Case, seed: u64) -> (Tensor, Tensor) {

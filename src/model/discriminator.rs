@@ -46,16 +46,18 @@ mod tests {
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;
 
+    fn discriminator(preset: &str) -> (ModelConfig, VarMap, Discriminator) {
+        let cfg = ModelConfig::resolve(preset).unwrap();
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, stream(1, 2), &Device::Cpu);
+        let d = Discriminator::new(vb, &cfg).unwrap();
+        (cfg, varmap, d)
+    }
+
     #[test]
     fn every_preset_gives_one_logit_per_image() {
         for (name, _) in BUILTIN_PRESETS {
-            let cfg = ModelConfig::resolve(name).unwrap();
-            let varmap = VarMap::new();
-            let d = Discriminator::new(
-                seeded_var_builder(&varmap, stream(1, 2), &Device::Cpu),
-                &cfg,
-            )
-            .unwrap();
+            let (cfg, _, d) = discriminator(name);
             let x = Tensor::zeros(
                 (3, cfg.channels, cfg.image_size, cfg.image_size),
                 DType::F32,
@@ -74,13 +76,7 @@ mod tests {
     #[test]
     fn evaluation_forward_differentiates_the_input_only() {
         for name in ["sagan-mnist28", "sagan-cond-mnist32"] {
-            let cfg = ModelConfig::resolve(name).unwrap();
-            let varmap = VarMap::new();
-            let d = Discriminator::new(
-                seeded_var_builder(&varmap, stream(1, 2), &Device::Cpu),
-                &cfg,
-            )
-            .unwrap();
+            let (cfg, varmap, d) = discriminator(name);
             let size = cfg.image_size;
             let x = input(2, cfg.channels, size, size, 4);
             let classes =

@@ -1,7 +1,7 @@
 //! Helpers of the model tests.
 
 use crate::rng::{normal_vec, stream};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 /// A seeded standard-normal input [b, c, h, w].
 pub fn input(b: usize, c: usize, h: usize, w: usize, seed: u64) -> Tensor {
@@ -11,7 +11,8 @@ pub fn input(b: usize, c: usize, h: usize, w: usize, seed: u64) -> Tensor {
 
 /// max |t| over all elements.
 pub fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    let max = t.abs().unwrap().max_all().unwrap();
+    max.to_dtype(DType::F32).unwrap().to_scalar().unwrap()
 }
 
 /// The gradient with respect to `x` of sum(y * weights): a loss whose gradient at y is `weights`.
@@ -23,4 +24,16 @@ pub fn weighted_grad(y: &Tensor, weights: &Tensor, x: &Var) -> Tensor {
         .backward()
         .unwrap();
     grads.get(x.as_tensor()).unwrap().clone()
+}
+
+/// Asserts that `got` has `want`'s shape and lies within `tol` of it, relative to the larger
+/// of 1 and max |want|.
+pub fn assert_close(got: &Tensor, want: &Tensor, tol: f32, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let diff = max_abs(&(got - want).unwrap());
+    let scale = max_abs(want).max(1.0);
+    assert!(
+        diff <= tol * scale,
+        "{what}: max diff {diff} (scale {scale})"
+    );
 }
