@@ -106,6 +106,12 @@ impl Geom {
         })
     }
 
+    /// Items per rayon task: one task per thread, so that each allocates its scratch buffers
+    /// (8 MiB for a 32x32 map and its gradient) once rather than once per item.
+    fn items_per_task(&self) -> usize {
+        self.batch.div_ceil(rayon::current_num_threads()).max(1)
+    }
+
     /// `dst = a x b` on the item's share of the threads.
     fn gemm(&self, dst: &mut [f32], a: MatRef, b: MatRef) -> Result<()> {
         match self.split_items {
@@ -238,6 +244,7 @@ impl CustomOp3 for AttentionCore {
         let mut o = vec![0f32; g.batch * g.value * n];
         o.par_chunks_mut(g.value * n)
             .zip(x.par_chunks(g.channels * n))
+            .with_min_len(g.items_per_task())
             .try_for_each_init(
                 || (g.scratch(), vec![0f32; n * g.value]),
                 |(s, o_t), (o, x)| -> Result<()> {
@@ -337,6 +344,7 @@ impl CustomOp3 for AttentionCoreGrad {
                 x.par_chunks(g.channels * n)
                     .zip(grad.par_chunks(g.value * n)),
             )
+            .with_min_len(g.items_per_task())
             .try_for_each_init(
                 || {
                     let dmap = vec![0f32; n * m];

@@ -88,7 +88,7 @@ impl Act {
 }
 
 /// Composes `act` from candle's ops: the reference, and the path for anything not f32 on CPU.
-pub fn candle_activation(x: &Tensor, act: Activation, leaky_slope: f64) -> Result<Tensor> {
+fn candle_activation(x: &Tensor, act: Activation, leaky_slope: f64) -> Result<Tensor> {
     match act {
         Activation::None => Ok(x.clone()),
         Activation::Relu => x.relu(),
