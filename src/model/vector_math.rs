@@ -10,15 +10,15 @@ const LANES: usize = 16;
 #[inline(always)]
 pub(super) fn lane_sum(xs: &[f32], mut term: impl FnMut(usize, f32) -> f32) -> f32 {
     let mut acc = [0.0f32; LANES];
-    let chunks = xs.len() / LANES;
-    for c in 0..chunks {
-        for l in 0..LANES {
-            let i = c * LANES + l;
-            acc[l] += term(i, xs[i]);
+    let chunks = xs.chunks_exact(LANES);
+    let rest = xs.len() - chunks.remainder().len();
+    for (c, chunk) in chunks.enumerate() {
+        for (l, (a, &x)) in acc.iter_mut().zip(chunk).enumerate() {
+            *a += term(c * LANES + l, x);
         }
     }
     let mut total: f32 = acc.iter().sum();
-    for (i, &x) in xs.iter().enumerate().skip(chunks * LANES) {
+    for (i, &x) in xs.iter().enumerate().skip(rest) {
         total += term(i, x);
     }
     total
@@ -80,7 +80,7 @@ pub(super) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
     // n in [-126, 127]: 2^n is a normal float.
     let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
