@@ -479,13 +479,8 @@ mod tests {
             let r = input(batch, value, h, wd, 4);
             let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let (g_fused, g_ref) = (grads(&fused), grads(&want));
-            for (var, name) in [(&x, "x"), (&w, "w"), (&b, "b")] {
-                assert_close(
-                    g_fused.get(var).unwrap(),
-                    g_ref.get(var).unwrap(),
-                    &format!("{what} d{name}"),
-                );
-            }
+            let vars = [(&x, "x"), (&w, "w"), (&b, "b")];
+            testing::assert_grads_close(&g_fused, &g_ref, &vars, 1e-5, &what);
         }
     }
 

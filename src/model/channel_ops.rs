@@ -593,13 +593,8 @@ mod tests {
                 .unwrap();
                 let g_ref = backward(&reference, 7);
                 assert_close(&fused, &reference, &format!("{what} forward"));
-                for (v, name) in [(&xv, "x"), (&bv, "bias")] {
-                    assert_close(
-                        g_fused.get(v).unwrap(),
-                        g_ref.get(v).unwrap(),
-                        &format!("{what} d{name}"),
-                    );
-                }
+                let vars = [(&xv, "x"), (&bv, "bias")];
+                testing::assert_grads_close(&g_fused, &g_ref, &vars, 2e-5, &what);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Helpers of the model tests.
 
 use crate::rng::{normal_vec, stream};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
 /// A seeded standard-normal input [b, c, h, w].
@@ -36,4 +37,21 @@ pub fn assert_close(got: &Tensor, want: &Tensor, tol: f32, what: &str) {
         diff <= tol * scale,
         "{what}: max diff {diff} (scale {scale})"
     );
+}
+
+/// Asserts that two backward passes gave every named variable the same gradient (within `tol`).
+pub fn assert_grads_close(
+    got: &GradStore,
+    want: &GradStore,
+    vars: &[(&Var, &str)],
+    tol: f32,
+    what: &str,
+) {
+    for (var, name) in vars {
+        let (g, w) = (got.get(var), want.get(var));
+        let (Some(g), Some(w)) = (g, w) else {
+            panic!("{what} d{name}: missing gradient");
+        };
+        assert_close(g, w, tol, &format!("{what} d{name}"));
+    }
 }
