@@ -87,6 +87,9 @@ impl Geom {
                 "attention core: weight {w:?} does not stack 2 x {query} query/key rows and value rows over {channels} channels"
             );
         }
+        if h == 0 || wd == 0 {
+            candle_core::bail!("attention core: empty feature map {h}x{wd}");
+        }
         if pooled && (h % 2 != 0 || wd % 2 != 0) {
             candle_core::bail!("attention core: pooling 2x2 needs an even size, got {h}x{wd}");
         }
@@ -508,6 +511,11 @@ mod tests {
         assert!(
             attention_core(&x, &w7, &b, 1, false).is_err(),
             "channel mismatch"
+        );
+        let empty = Tensor::zeros((2, 8, 0, 3), DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            attention_core(&empty, &w, &b, 1, false).is_err(),
+            "empty map"
         );
         let b9 = Tensor::zeros(9, DType::F32, &Device::Cpu).unwrap();
         assert!(

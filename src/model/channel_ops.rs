@@ -97,9 +97,12 @@ fn candle_activation(x: &Tensor, act: Activation, leaky_slope: f64) -> Result<Te
     }
 }
 
-/// The fast kernels' domain: f32 on the CPU with a channel axis.
+/// The fast kernels' domain: non-empty f32 on the CPU with a channel axis.
 fn takes_fast_path(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() >= 2
+    matches!(x.device(), Device::Cpu)
+        && x.dtype() == DType::F32
+        && x.rank() >= 2
+        && x.elem_count() > 0
 }
 
 /// `[1, C, 1, ...]`: a per-channel vector shaped to broadcast against `x`.
@@ -293,7 +296,7 @@ struct BatchStats {
 
 /// `act(batch_norm(x + bias))` with `bn`'s scale and shift: batch statistics (and an update
 /// of the running ones) when training, running statistics otherwise. `bias` is the
-/// preceding convolution's. The normalisation removes a constant bias from the output
+/// preceding convolution's (never differentiated, so it may be a parameter as is). The normalisation removes a constant bias from the output
 /// exactly, so in training it only enters the running mean and its gradient is exactly zero
 /// (it is not given one).
 pub fn batch_norm_act(

@@ -43,17 +43,20 @@ impl Generator {
         classes: Option<&Tensor>,
         train: bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let b = z.dim(0)?;
-        check_classes(classes, b, self.num_classes)?;
-        self.stack
-            .forward_with_maps(&z.reshape((b, self.z_dim, 1, 1))?, classes, train)
+        let z = self.stack_input(z, classes)?;
+        self.stack.forward_with_maps(&z, classes, train)
     }
 
     pub fn forward(&self, z: &Tensor, classes: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let z = self.stack_input(z, classes)?;
+        self.stack.forward(&z, classes, train)
+    }
+
+    /// `z` [B, z_dim] as the layer stack's [B, z_dim, 1, 1] input, after checking the classes.
+    fn stack_input(&self, z: &Tensor, classes: Option<&Tensor>) -> Result<Tensor> {
         let b = z.dim(0)?;
         check_classes(classes, b, self.num_classes)?;
-        self.stack
-            .forward(&z.reshape((b, self.z_dim, 1, 1))?, classes, train)
+        z.reshape((b, self.z_dim, 1, 1))
     }
 }
 

@@ -189,21 +189,17 @@ impl LayerStack {
                     conv,
                     batch_norm,
                     act,
-                } => {
-                    let y = conv.forward_unbiased(&x, train)?;
-                    let bias = param(conv.bias(), train);
-                    match batch_norm {
-                        Some(bn) => channel_ops::batch_norm_act(
-                            &y,
-                            Some(&bias),
-                            bn,
-                            *act,
-                            self.leaky_slope,
-                            train,
-                        )?,
-                        None => channel_ops::bias_act(&y, Some(&bias), *act, self.leaky_slope)?,
-                    }
-                }
+                } => match batch_norm {
+                    Some(bn) => channel_ops::batch_norm_act(
+                        &conv.forward_unbiased(&x, train)?,
+                        Some(conv.bias()),
+                        bn,
+                        *act,
+                        self.leaky_slope,
+                        train,
+                    )?,
+                    None => conv.forward_act(&x, *act, self.leaky_slope, train)?,
+                },
                 Layer::Attention(attention) => match maps.as_deref_mut() {
                     Some(maps) => {
                         let (y, map) = attention.forward_with_map(&x, train)?;

@@ -3,7 +3,6 @@
 
 use super::channel_ops::bias_act;
 use super::conditional::ClassBatchNorm;
-use super::param;
 use super::spectral_norm::{ConvKind, SNConv2d};
 use crate::config::Activation;
 use crate::config::{DiscriminatorBlockConfig, GeneratorBlockConfig};
@@ -129,13 +128,7 @@ impl DiscriminatorBlock {
             true => bias_act(x, None, Activation::Relu, 0.0)?,
             false => x.clone(),
         };
-        let h = self.conv1.forward_unbiased(&h, train)?;
-        let h = bias_act(
-            &h,
-            Some(&param(self.conv1.bias(), train)),
-            Activation::Relu,
-            0.0,
-        )?;
+        let h = self.conv1.forward_act(&h, Activation::Relu, 0.0, train)?;
         let h = down(self.conv2.forward_t(&h, train)?)?;
         // Pool before the 1x1 conv: the same function (both linear), a quarter of the cost.
         let skip = down(x.clone())?;

@@ -179,6 +179,19 @@ impl SNConv2d {
         self.padding
     }
 
+    /// `act(conv(x) + bias)`, the bias and activation in one fused kernel.
+    pub fn forward_act(
+        &self,
+        x: &Tensor,
+        act: Activation,
+        leaky_slope: f64,
+        train: bool,
+    ) -> Result<Tensor> {
+        let bias = super::param(&self.bias, train);
+        let y = self.forward_unbiased(x, train)?;
+        super::channel_ops::bias_act(&y, Some(&bias), act, leaky_slope)
+    }
+
     /// The convolution without its bias, for callers that fuse the bias into what follows.
     pub fn forward_unbiased(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let w = self.sn.weight(train)?;
@@ -195,13 +208,7 @@ impl SNConv2d {
 
 impl ModuleT for SNConv2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let bias = super::param(&self.bias, train);
-        super::channel_ops::bias_act(
-            &self.forward_unbiased(x, train)?,
-            Some(&bias),
-            Activation::None,
-            0.0,
-        )
+        self.forward_act(x, Activation::None, 0.0, train)
     }
 }
 
