@@ -4,11 +4,12 @@ use std::path::PathBuf;
 /// can print one line that tells the user what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    // The I/O error is part of the message, not a `source`: reporters that print the chain
+    // (anyhow's `{:#}`) would show it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{path}: {msg}")]
@@ -51,10 +52,26 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     /// Wraps an I/O error with the path it concerns.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_reads_as_one_line_naming_the_file() {
+        let err = Error::io(
+            "/data/x",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        let shown = format!("{:#}", anyhow::Error::from(err));
+        assert!(shown.starts_with("/data/x: "), "{shown}");
+        assert_eq!(shown.matches("not found").count(), 1, "{shown}");
     }
 }
