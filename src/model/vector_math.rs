@@ -73,7 +73,8 @@ pub(super) fn exp(x: f32) -> f32 {
     const LOWEST: f32 = -87.336_55;
     let underflow = x < LOWEST;
     let x = x.clamp(LOWEST, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -82,8 +83,11 @@ pub(super) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e_r = p * r * r + r + 1.0;
-    // n in [-126, 127]: 2^n is a normal float.
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n in [-126, 127]: 2^n is a normal float. n is read from the low bits of `shifted` (one
+    // ulp there is 1) rather than with `n as i32`, whose saturating conversion keeps the loop
+    // from vectorising.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_n = f32::from_bits(n_bits.wrapping_add(127) << 23);
     if underflow {
         0.0
     } else {
