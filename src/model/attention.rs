@@ -112,18 +112,25 @@ impl SelfAttention {
             biases.push(super::param(conv.bias(), train));
         }
         let query_channels = weights[0].dim(0)?;
-        let o = attention_core(
-            x,
-            &Tensor::cat(&weights, 0)?,
-            &Tensor::cat(&biases, 0)?,
-            query_channels,
-            self.pooled,
-        )?;
-        let o = match &self.output {
-            Some(conv) => conv.forward_t(&o, train)?,
-            None => o,
-        };
-        self.residual(&o, x, train)
+        let (weights, biases) = (Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?);
+        match &self.output {
+            // The residual goes into the core too, sparing its passes and gradient buffers.
+            None => {
+                let gamma = super::param(&self.gamma, train);
+                attention_core(
+                    x,
+                    &weights,
+                    &biases,
+                    Some(&gamma),
+                    query_channels,
+                    self.pooled,
+                )
+            }
+            Some(conv) => {
+                let o = attention_core(x, &weights, &biases, None, query_channels, self.pooled)?;
+                self.residual(&conv.forward_t(&o, train)?, x, train)
+            }
+        }
     }
 }
 

@@ -1,12 +1,16 @@
 //! The core of the SAGAN attention block as one candle custom op on CPU, with its backward:
 //! `qkv = W x + b` (the query, key and value 1x1 convolutions as one GEMM), in the pooled form
-//! keys and values 2x2 max-pooled, `energy = q^T k`, a softmax over the keys and `o = v A^T`.
+//! keys and values 2x2 max-pooled, `energy = q^T k`, a softmax over the keys and `o = v A^T`;
+//! optionally the block's residual `y = x + gamma * o` too.
 //!
 //! Composed from candle's ops the block materialises [B, N, M] tensors (energy, map, their
 //! transposes and gradients: 256 MiB each for a plain 32x32 layer at batch 64), every one a
 //! full pass and a fresh allocation, and candle accumulates each gradient through another. Here
 //! the work runs per batch item, items in parallel, and the [N, M] map lives in a per-item
-//! scratch buffer; the backward recomputes it (and qkv) from the inputs rather than keeping it.
+//! buffer. Small maps (`KEEP_BUDGET`) are kept from the forward for the backward; larger ones
+//! live in per-thread scratch and the backward recomputes them (and qkv) from the inputs.
+
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -15,22 +19,47 @@ use super::cpu_storage::f32_slice;
 use super::matmul::{matmul, matmul_serial, MatRef};
 use super::softmax::{softmax_grad_in_place, softmax_in_place};
 
+/// Most bytes of per-item buffers (qkv, pooled keys and values, map) a forward keeps for its
+/// backward. A 14x14 map at batch 128 takes 28 MiB; a 32x32 one at batch 64 would take 300 MiB
+/// and is recomputed instead (its GEMMs are a small part of that layer's work).
+const KEEP_BUDGET: usize = 64 << 20;
+
+/// Batch items whose weight gradients one backward task sums before the tasks' sums are added
+/// in order: a fixed grouping, so the result does not depend on scheduling or thread count.
+const GROUP_ITEMS: usize = 4;
+
 /// `o [B, Cv, H, W]` of the attention core for `x [B, C, H, W]`, the stacked 1x1 weights
 /// `w [2 * query_channels + Cv, C]` (query rows, then key rows, then value rows) and biases
 /// `b [2 * query_channels + Cv]`; `pooled` max-pools keys and values 2x2 (H and W even).
-/// Differentiable in all three. f32 CPU tensors only: see `supports`.
+/// With `gamma` (one element; Cv = C) the result is the block's output `x + gamma * o`.
+/// Differentiable in every operand. f32 CPU tensors only: see `supports`.
 pub fn attention_core(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
+    gamma: Option<&Tensor>,
     query_channels: usize,
     pooled: bool,
 ) -> Result<Tensor> {
-    let op = AttentionCore {
+    attention_core_keeping(x, w, b, gamma, query_channels, pooled, KEEP_BUDGET)
+}
+
+/// `attention_core` keeping the forward's buffers for the backward up to `keep_budget` bytes.
+fn attention_core_keeping(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    gamma: Option<&Tensor>,
+    query_channels: usize,
+    pooled: bool,
+    keep_budget: usize,
+) -> Result<Tensor> {
+    let core = Core {
         query_channels,
         pooled,
+        residual: gamma.is_some(),
     };
-    let geom = op.geom(x.dims(), w.dims())?;
+    let geom = core.geom(x.dims(), w.dims())?;
     if b.dims() != [geom.rows] {
         candle_core::bail!(
             "attention core: bias shape {:?}, expected [{}]",
@@ -38,13 +67,40 @@ pub fn attention_core(
             geom.rows
         );
     }
+    // The op has three operands: gamma travels after the biases.
+    let params = match gamma {
+        Some(gamma) if gamma.elem_count() == 1 => Tensor::cat(&[b, &gamma.flatten_all()?], 0)?,
+        Some(gamma) => candle_core::bail!("attention core: gamma shape {:?}", gamma.dims()),
+        None => b.clone(),
+    };
+    let tracked = x.track_op() || w.track_op() || params.track_op();
+    let op = AttentionCore {
+        core,
+        keep: tracked && geom.kept_bytes() <= keep_budget,
+        kept: Mutex::new(None),
+    };
     x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+        .apply_op3(&w.contiguous()?, &params.contiguous()?, op)
 }
 
 /// Whether the fused kernels can run on `x`.
 pub fn supports(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4
+}
+
+/// What the op computes, as fixed when it is built.
+#[derive(Clone, Copy, Debug)]
+struct Core {
+    query_channels: usize,
+    pooled: bool,
+    /// Whether the result is `x + gamma * o` rather than `o`.
+    residual: bool,
+}
+
+impl Core {
+    fn geom(&self, x: &[usize], w: &[usize]) -> Result<Geom> {
+        Geom::new(x, w, *self)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -62,12 +118,14 @@ struct Geom {
     /// Key positions M: N, or N / 4 when pooled.
     keys: usize,
     pooled: bool,
+    residual: bool,
     /// Fewer items than threads (batch 1 at high resolution): each item's products and rows
     /// use all threads, instead of one item per thread.
     split_items: bool,
 }
 
-/// Per-item buffers of the forward and the backward.
+/// Per-item buffers of the forward, which the backward reads.
+#[derive(Default)]
 struct Scratch {
     qkv: Vec<f32>,
     /// Pooled keys and values [query + value, M] (pooled form only).
@@ -77,8 +135,18 @@ struct Scratch {
     map: Vec<f32>,
 }
 
+/// Per-thread buffers of the backward, besides the recomputed forward's.
+struct GradBuffers {
+    dmap: Vec<f32>,
+    /// Gradients of the pooled keys and values (pooled form only).
+    dkv: Vec<f32>,
+    dq_t: Vec<f32>,
+    dqkv: Vec<f32>,
+}
+
 impl Geom {
-    fn new(x: &[usize], w: &[usize], query: usize, pooled: bool) -> Result<Self> {
+    fn new(x: &[usize], w: &[usize], core: Core) -> Result<Self> {
+        let query = core.query_channels;
         let (&[batch, channels, h, wd], &[rows, w_in]) = (x, w) else {
             candle_core::bail!("attention core: x {x:?} must be [B, C, H, W], w {w:?} [rows, C]");
         };
@@ -87,10 +155,16 @@ impl Geom {
                 "attention core: weight {w:?} does not stack 2 x {query} query/key rows and value rows over {channels} channels"
             );
         }
+        if core.residual && rows - 2 * query != channels {
+            candle_core::bail!(
+                "attention core: the residual needs {channels} value rows, got {}",
+                rows - 2 * query
+            );
+        }
         if h == 0 || wd == 0 {
             candle_core::bail!("attention core: empty feature map {h}x{wd}");
         }
-        if pooled && (h % 2 != 0 || wd % 2 != 0) {
+        if core.pooled && (h % 2 != 0 || wd % 2 != 0) {
             candle_core::bail!("attention core: pooling 2x2 needs an even size, got {h}x{wd}");
         }
         let positions = h * wd;
@@ -103,10 +177,26 @@ impl Geom {
             h,
             w: wd,
             positions,
-            keys: if pooled { positions / 4 } else { positions },
-            pooled,
+            keys: if core.pooled {
+                positions / 4
+            } else {
+                positions
+            },
+            pooled: core.pooled,
+            residual: core.residual,
             split_items: batch < rayon::current_num_threads(),
         })
+    }
+
+    /// Length of the third operand: the biases, then gamma for the residual form.
+    fn params_len(&self) -> usize {
+        self.rows + usize::from(self.residual)
+    }
+
+    /// The biases and the scale of `o` (gamma, or 1 without the residual).
+    fn split_params<'a>(&self, params: &'a [f32]) -> (&'a [f32], f32) {
+        let (b, gamma) = params.split_at(self.rows);
+        (b, gamma.first().copied().unwrap_or(1.0))
     }
 
     /// Items per rayon task: one task per thread, so that each allocates its scratch buffers
@@ -115,36 +205,65 @@ impl Geom {
         self.batch.div_ceil(rayon::current_num_threads()).max(1)
     }
 
-    /// `dst = a x b` on the item's share of the threads.
-    fn gemm(&self, dst: &mut [f32], a: MatRef, b: MatRef) -> Result<()> {
-        match self.split_items {
-            true => matmul(dst, a, b, false),
-            false => matmul_serial(dst, a, b, false),
+    fn kv_len(&self) -> usize {
+        if self.pooled {
+            (self.query + self.value) * self.keys
+        } else {
+            0
         }
     }
 
-    /// `f` on every row of `rows` (rows of `len`), on the item's share of the threads.
-    fn each_row(&self, rows: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    /// Bytes of the whole batch's `Scratch` buffers.
+    fn kept_bytes(&self) -> usize {
+        let per_item = self.rows * self.positions + 2 * self.kv_len() + self.positions * self.keys;
+        4 * self.batch * per_item
+    }
+
+    /// `dst = a x b` (`+=` when `accumulate`) on the item's share of the threads.
+    fn gemm(&self, dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) -> Result<()> {
+        match self.split_items {
+            true => matmul(dst, a, b, accumulate),
+            false => matmul_serial(dst, a, b, accumulate),
+        }
+    }
+
+    /// `f` on every row of `rows` (rows of `len`), on the item's share of the threads; its
+    /// results in row order.
+    fn each_row<T: Send>(
+        &self,
+        rows: &mut [f32],
+        len: usize,
+        f: impl Fn(usize, &mut [f32]) -> T + Sync,
+    ) -> Vec<T> {
         match self.split_items {
             true => rows
                 .par_chunks_mut(len)
                 .enumerate()
-                .for_each(|(i, r)| f(i, r)),
-            false => rows.chunks_mut(len).enumerate().for_each(|(i, r)| f(i, r)),
+                .map(|(i, r)| f(i, r))
+                .collect(),
+            false => rows
+                .chunks_mut(len)
+                .enumerate()
+                .map(|(i, r)| f(i, r))
+                .collect(),
         }
     }
 
     fn scratch(&self) -> Scratch {
-        let kv_len = if self.pooled {
-            (self.query + self.value) * self.keys
-        } else {
-            0
-        };
         Scratch {
             qkv: vec![0f32; self.rows * self.positions],
-            kv: vec![0f32; kv_len],
-            argmax: vec![0; kv_len],
+            kv: vec![0f32; self.kv_len()],
+            argmax: vec![0; self.kv_len()],
             map: vec![0f32; self.positions * self.keys],
+        }
+    }
+
+    fn grad_buffers(&self) -> GradBuffers {
+        GradBuffers {
+            dmap: vec![0f32; self.positions * self.keys],
+            dkv: vec![0f32; self.kv_len()],
+            dq_t: vec![0f32; self.positions * self.query],
+            dqkv: vec![0f32; self.rows * self.positions],
         }
     }
 
@@ -156,6 +275,7 @@ impl Geom {
             &mut s.qkv,
             MatRef::row_major(w, self.rows, self.channels),
             MatRef::row_major(x, self.channels, n),
+            false,
         )?;
         for (row, &bias) in s.qkv.chunks_mut(n).zip(b) {
             row.iter_mut().for_each(|v| *v += bias);
@@ -169,8 +289,108 @@ impl Geom {
             false => &s.qkv[self.query * n..2 * self.query * n],
         };
         let k = MatRef::row_major(keys, self.query, self.keys);
-        self.gemm(&mut s.map, q.t(), k)?;
+        self.gemm(&mut s.map, q.t(), k, false)?;
         self.each_row(&mut s.map, self.keys, |_, row| softmax_in_place(row));
+        Ok(())
+    }
+
+    /// One item's result from its forward buffers: `o [Cv, N] = v A^T`, or `x + gamma * o`.
+    fn output_item(
+        &self,
+        s: &Scratch,
+        x: &[f32],
+        gamma: f32,
+        o_t: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let n = self.positions;
+        // o^T [N, Cv] = A [N, M] x v^T, then transposed: see `transpose`.
+        let map = MatRef::row_major(&s.map, n, self.keys);
+        self.gemm(o_t, map, self.values(s).t(), false)?;
+        transpose(o_t, n, self.value, out);
+        if self.residual {
+            for (y, &x) in out.iter_mut().zip(x) {
+                *y = x + gamma * *y;
+            }
+        }
+        Ok(())
+    }
+
+    /// One item's backward from its forward buffers `s` and the result's gradient `dy`:
+    /// writes `dx` and adds the item's weight, bias and gamma gradients onto `sums`.
+    ///
+    /// With dO = gamma dy: dv = dO A; dA = dO^T v, dE = A * (dA - rowsum(dA * A));
+    /// dq = k dE^T, dk = q dE (pooled keys and values: their gradients go back to where each
+    /// maximum came from); dx = w^T dqkv (+ dy for the residual). dgamma = <dy, o> is the sum
+    /// of the softmax backward's row sums of dy^T v * A, so o itself is never needed.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_item(
+        &self,
+        w: &[f32],
+        gamma: f32,
+        s: &Scratch,
+        x: &[f32],
+        dy: &[f32],
+        t: &mut GradBuffers,
+        dx: &mut [f32],
+        sums: &mut [f32],
+    ) -> Result<()> {
+        let (n, m) = (self.positions, self.keys);
+        let q_len = self.query * n;
+        let dy_mat = MatRef::row_major(dy, self.value, n);
+        let a = MatRef::row_major(&s.map, n, m);
+        let (dq, dkv_full) = t.dqkv.split_at_mut(q_len);
+        // Gradients of the keys and values the map saw: pooled ones in `dkv`.
+        let dkv_seen: &mut [f32] = match self.pooled {
+            true => &mut t.dkv[..],
+            false => &mut *dkv_full,
+        };
+        let (dk, dv) = dkv_seen.split_at_mut(self.query * m);
+        // dv [Cv, M] = gamma dy [Cv, N] x A [N, M]
+        self.gemm(dv, dy_mat, a, false)?;
+        if gamma != 1.0 {
+            dv.iter_mut().for_each(|d| *d *= gamma);
+        }
+        // dy^T [N, Cv] x v [Cv, M], then dE in place.
+        self.gemm(&mut t.dmap, dy_mat.t(), self.values(s), false)?;
+        let map = &s.map;
+        let row_sums = self.each_row(&mut t.dmap, m, |i, de| {
+            softmax_grad_in_place(&map[i * m..(i + 1) * m], de, gamma)
+        });
+        let de = MatRef::row_major(&t.dmap, n, m);
+        let q = MatRef::row_major(&s.qkv[..q_len], self.query, n);
+        let k = MatRef::row_major(&self.kv(s)[..self.query * m], self.query, m);
+        // dq = k dE^T, as dq^T = dE k^T (see `transpose`).
+        self.gemm(&mut t.dq_t, de, k.t(), false)?;
+        transpose(&t.dq_t, n, self.query, dq);
+        self.gemm(dk, q, de, false)?; // dk = q dE
+        if self.pooled {
+            dkv_full.fill(0.0);
+            let planes = dkv_full.chunks_exact_mut(n);
+            let pooled = t.dkv.chunks_exact(m).zip(s.argmax.chunks_exact(m));
+            for (plane, (d, arg)) in planes.zip(pooled) {
+                for (&d, &p) in d.iter().zip(arg) {
+                    plane[p as usize] += d;
+                }
+            }
+        }
+        // dx [C, N] = w^T [C, rows] x dqkv [rows, N] (+ dy)
+        let w = MatRef::row_major(w, self.rows, self.channels);
+        let dqkv = MatRef::row_major(&t.dqkv, self.rows, n);
+        if self.residual {
+            dx.copy_from_slice(dy);
+        }
+        self.gemm(dx, w.t(), dqkv, self.residual)?;
+        // dw [rows, C] += dqkv [rows, N] x x^T [N, C]; db += dqkv's row sums.
+        let (dw, dparams) = sums.split_at_mut(self.rows * self.channels);
+        let x_t = MatRef::row_major(x, self.channels, n).t();
+        self.gemm(dw, dqkv, x_t, true)?;
+        for (db, row) in dparams.iter_mut().zip(t.dqkv.chunks(n)) {
+            *db += row.iter().sum::<f32>();
+        }
+        if self.residual {
+            dparams[self.rows] += row_sums.iter().sum::<f32>();
+        }
         Ok(())
     }
 
@@ -213,16 +433,11 @@ impl Geom {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+/// The forward op. `keep`: store every item's forward buffers in `kept` for the backward.
 struct AttentionCore {
-    query_channels: usize,
-    pooled: bool,
-}
-
-impl AttentionCore {
-    fn geom(&self, x: &[usize], w: &[usize]) -> Result<Geom> {
-        Geom::new(x, w, self.query_channels, self.pooled)
-    }
+    core: Core,
+    keep: bool,
+    kept: Mutex<Option<Vec<Scratch>>>,
 }
 
 impl CustomOp3 for AttentionCore {
@@ -239,28 +454,38 @@ impl CustomOp3 for AttentionCore {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = self.geom(l1.dims(), l2.dims())?;
+        let g = self.core.geom(l1.dims(), l2.dims())?;
         let n = g.positions;
         let x = f32_slice(s1, l1, g.batch * g.channels * n)?;
         let w = f32_slice(s2, l2, g.rows * g.channels)?;
-        let b = f32_slice(s3, l3, g.rows)?;
-        let mut o = vec![0f32; g.batch * g.value * n];
-        o.par_chunks_mut(g.value * n)
-            .zip(x.par_chunks(g.channels * n))
-            .with_min_len(g.items_per_task())
-            .try_for_each_init(
-                || (g.scratch(), vec![0f32; n * g.value]),
-                |(s, o_t), (o, x)| -> Result<()> {
+        let (b, gamma) = g.split_params(f32_slice(s3, l3, g.params_len())?);
+        let mut out = vec![0f32; g.batch * g.value * n];
+        let items = out
+            .par_chunks_mut(g.value * n)
+            .zip(x.par_chunks(g.channels * n));
+        let o_t = || vec![0f32; n * g.value];
+        if self.keep {
+            let mut kept: Vec<Scratch> = (0..g.batch).map(|_| Scratch::default()).collect();
+            kept.par_iter_mut()
+                .zip(items)
+                .with_min_len(g.items_per_task())
+                .try_for_each_init(o_t, |o_t, (s, (out, x))| -> Result<()> {
+                    *s = g.scratch();
                     g.forward_item(w, b, x, s)?;
-                    // o^T [N, Cv] = A [N, M] x v^T, then transposed: see `transpose`.
-                    let map = MatRef::row_major(&s.map, n, g.keys);
-                    g.gemm(o_t, map, g.values(s).t())?;
-                    transpose(o_t, n, g.value, o);
-                    Ok(())
+                    g.output_item(s, x, gamma, o_t, out)
+                })?;
+            *self.kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(kept);
+        } else {
+            items.with_min_len(g.items_per_task()).try_for_each_init(
+                || (g.scratch(), o_t()),
+                |(s, o_t), (out, x)| -> Result<()> {
+                    g.forward_item(w, b, x, s)?;
+                    g.output_item(s, x, gamma, o_t, out)
                 },
             )?;
+        }
         Ok((
-            CpuStorage::F32(o),
+            CpuStorage::F32(out),
             Shape::from((g.batch, g.value, g.h, g.w)),
         ))
     }
@@ -269,24 +494,30 @@ impl CustomOp3 for AttentionCore {
         &self,
         x: &Tensor,
         w: &Tensor,
-        b: &Tensor,
-        _o: &Tensor,
+        params: &Tensor,
+        _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         let op = AttentionCoreGrad {
-            core: *self,
-            bias: b.to_vec1()?,
+            core: self.core,
+            params: params.to_vec1()?,
+            kept,
         };
-        // One buffer holds [dx (B*C*N), dw (rows*C), db (rows)]: a custom op has one output.
+        // One buffer holds [dx (B*C*N), dw (rows*C), dparams]: a custom op has one output.
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
         let (nx, nw) = (x.elem_count(), w.elem_count());
         let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
         let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
-        let db = packed.narrow(0, nx + nw, b.elem_count())?;
+        let dparams = packed.narrow(0, nx + nw, params.elem_count())?;
         Ok((
             x.track_op().then_some(dx),
             w.track_op().then_some(dw),
-            b.track_op().then_some(db),
+            params.track_op().then_some(dparams),
         ))
     }
 }
@@ -305,14 +536,14 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     }
 }
 
-/// Backward of `AttentionCore`: `(x, w, do)` to `[dx, dw, db]` flattened. Per item, with
-/// A recomputed: dv = do A, dA = do^T v, dE = A * (dA - rowsum(dA * A)), dq = k dE^T,
-/// dk = q dE (pooled keys and values: their gradients go back to where each maximum came
-/// from), then dx = w^T dqkv; dw = sum over items of dqkv x^T and db of dqkv's row sums,
-/// summed in item order after the parallel part so that results do not depend on scheduling.
+/// Backward of `AttentionCore`: `(x, w, dy)` to `[dx, dw, dparams]` flattened, per item with
+/// the forward's buffers as kept or recomputed (`Geom::backward_item`). Items run in groups of
+/// `GROUP_ITEMS` in parallel, each group summing its weight gradients; the groups' sums are
+/// added in order afterwards, so results do not depend on scheduling.
 struct AttentionCoreGrad {
-    core: AttentionCore,
-    bias: Vec<f32>,
+    core: Core,
+    params: Vec<f32>,
+    kept: Option<Vec<Scratch>>,
 }
 
 impl CustomOp3 for AttentionCoreGrad {
@@ -330,84 +561,55 @@ impl CustomOp3 for AttentionCoreGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.core.geom(l1.dims(), l2.dims())?;
-        let (n, m) = (g.positions, g.keys);
+        let n = g.positions;
         let x = f32_slice(s1, l1, g.batch * g.channels * n)?;
         let w = f32_slice(s2, l2, g.rows * g.channels)?;
-        let grad = f32_slice(s3, l3, g.batch * g.value * n)?;
+        let dy = f32_slice(s3, l3, g.batch * g.value * n)?;
+        if self.params.len() != g.params_len()
+            || self.kept.as_ref().is_some_and(|k| k.len() != g.batch)
+        {
+            candle_core::bail!("attention core grad: operands do not match the forward");
+        }
+        let (b, gamma) = g.split_params(&self.params);
         let (nx, nw) = (x.len(), w.len());
-        let mut out = vec![0f32; nx + nw + g.rows];
-        let mut dqkv_all = vec![0f32; g.batch * g.rows * n];
-        let (dx_all, rest) = out.split_at_mut(nx);
-        let (dw, db) = rest.split_at_mut(nw);
-        let q_len = g.query * n;
-        dx_all
-            .par_chunks_mut(g.channels * n)
-            .zip(dqkv_all.par_chunks_mut(g.rows * n))
+        let sums_len = nw + g.params_len();
+        let groups = g.batch.div_ceil(GROUP_ITEMS);
+        let mut group_sums = vec![0f32; groups * sums_len];
+        let mut out = vec![0f32; nx + sums_len];
+        let (dx_all, total) = out.split_at_mut(nx);
+        let (x_item, dy_item) = (g.channels * n, g.value * n);
+        group_sums
+            .par_chunks_mut(sums_len)
+            .zip(dx_all.par_chunks_mut(GROUP_ITEMS * x_item))
             .zip(
-                x.par_chunks(g.channels * n)
-                    .zip(grad.par_chunks(g.value * n)),
+                x.par_chunks(GROUP_ITEMS * x_item)
+                    .zip(dy.par_chunks(GROUP_ITEMS * dy_item)),
             )
-            .with_min_len(g.items_per_task())
+            .enumerate()
+            .with_min_len(groups.div_ceil(rayon::current_num_threads()))
             .try_for_each_init(
-                || {
-                    let dmap = vec![0f32; n * m];
-                    let dkv = vec![0f32; (g.query + g.value) * m];
-                    (g.scratch(), dmap, dkv, vec![0f32; n * g.query])
-                },
-                |(s, dmap, dkv, dq_t), ((dx, dqkv), (x, d_o))| -> Result<()> {
-                    g.forward_item(w, &self.bias, x, s)?;
-                    let d_o = MatRef::row_major(d_o, g.value, n);
-                    let a = MatRef::row_major(&s.map, n, m);
-                    let (dq, dkv_full) = dqkv.split_at_mut(q_len);
-                    // Gradients of the keys and values the map saw: pooled ones in `dkv`.
-                    let dkv_seen: &mut [f32] = match g.pooled {
-                        true => &mut dkv[..],
-                        false => &mut *dkv_full,
-                    };
-                    let (dk, dv) = dkv_seen.split_at_mut(g.query * m);
-                    // dv [Cv, M] = do [Cv, N] x A [N, M]
-                    g.gemm(dv, d_o, a)?;
-                    // dA [N, M] = do^T [N, Cv] x v [Cv, M], then dE in place.
-                    g.gemm(dmap, d_o.t(), g.values(s))?;
-                    let map = &s.map;
-                    g.each_row(dmap, m, |i, de| {
-                        softmax_grad_in_place(&map[i * m..(i + 1) * m], de)
-                    });
-                    let de = MatRef::row_major(dmap, n, m);
-                    let q = MatRef::row_major(&s.qkv[..q_len], g.query, n);
-                    let k = MatRef::row_major(&g.kv(s)[..g.query * m], g.query, m);
-                    // dq = k dE^T, as dq^T = dE k^T (see `transpose`).
-                    g.gemm(dq_t, de, k.t())?;
-                    transpose(dq_t, n, g.query, dq);
-                    g.gemm(dk, q, de)?; // dk = q dE
-                    if g.pooled {
-                        dkv_full.fill(0.0);
-                        let planes = dkv_full.chunks_exact_mut(n);
-                        let pooled = dkv.chunks_exact(m).zip(s.argmax.chunks_exact(m));
-                        for (plane, (d, arg)) in planes.zip(pooled) {
-                            for (&d, &p) in d.iter().zip(arg) {
-                                plane[p as usize] += d;
+                || (g.scratch(), g.grad_buffers()),
+                |(recomputed, t), (group, ((sums, dx), (x, dy)))| -> Result<()> {
+                    let items = dx
+                        .chunks_mut(x_item)
+                        .zip(x.chunks(x_item).zip(dy.chunks(dy_item)));
+                    for (i, (dx, (x, dy))) in items.enumerate() {
+                        let s = match &self.kept {
+                            Some(kept) => &kept[group * GROUP_ITEMS + i],
+                            None => {
+                                g.forward_item(w, b, x, recomputed)?;
+                                &*recomputed
                             }
-                        }
+                        };
+                        g.backward_item(w, gamma, s, x, dy, t, dx, sums)?;
                     }
-                    // dx [C, N] = w^T [C, rows] x dqkv [rows, N]
-                    let w = MatRef::row_major(w, g.rows, g.channels);
-                    g.gemm(dx, w.t(), MatRef::row_major(dqkv, g.rows, n))
+                    Ok(())
                 },
             )?;
-        for (item, (dqkv, x)) in dqkv_all
-            .chunks(g.rows * n)
-            .zip(x.chunks(g.channels * n))
-            .enumerate()
-        {
-            // dw [rows, C] += dqkv [rows, N] x x^T [N, C]
-            let x_t = MatRef::row_major(x, g.channels, n).t();
-            matmul(dw, MatRef::row_major(dqkv, g.rows, n), x_t, item > 0)?;
-            for (db, row) in db.iter_mut().zip(dqkv.chunks(n)) {
-                *db += row.iter().sum::<f32>();
-            }
+        for sums in group_sums.chunks_exact(sums_len) {
+            total.iter_mut().zip(sums).for_each(|(t, s)| *t += s);
         }
-        Ok((CpuStorage::F32(out), Shape::from(nx + nw + g.rows)))
+        Ok((CpuStorage::F32(out), Shape::from(nx + sums_len)))
     }
 }
 
@@ -459,7 +661,8 @@ mod tests {
         // (batch, channels, h, w, query, value, pooled): the plain block's value = channels,
         // the pooled block's channels / 2, and others.
         for (batch, c, h, wd, query, value, pooled) in [
-            (3, 16, 5, 4, 2, 16, false),
+            // More items than a backward group, the last group partial.
+            (6, 16, 5, 4, 2, 16, false),
             (2, 8, 3, 3, 1, 5, false),
             (3, 16, 6, 4, 2, 8, true),
             (2, 8, 2, 2, 1, 3, true),
@@ -467,7 +670,6 @@ mod tests {
             (1, 8, 4, 4, 1, 8, false),
             (1, 8, 4, 6, 1, 4, true),
         ] {
-            let what = format!("B{batch} C{c} {h}x{wd} q{query} v{value} pooled {pooled}");
             let rows = 2 * query + value;
             let x = Var::from_tensor(&input(batch, c, h, wd, 1)).unwrap();
             // Scaled up so the maps are far from uniform.
@@ -476,14 +678,46 @@ mod tests {
             )
             .unwrap();
             let b = Var::from_tensor(&input(1, 1, 1, rows, 3).flatten_all().unwrap()).unwrap();
-            let fused = attention_core(&x, &w, &b, query, pooled).unwrap();
-            let want = reference(&x, &w, &b, query, pooled);
-            assert_close(&fused, &want, &format!("{what} forward"));
             let r = input(batch, value, h, wd, 4);
             let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let (g_fused, g_ref) = (grads(&fused), grads(&want));
-            let vars = [(&x, "x"), (&w, "w"), (&b, "b")];
-            testing::assert_grads_close(&g_fused, &g_ref, &vars, 1e-5, &what);
+            // gamma 0 is the block's initial state: o does not reach the output, yet gamma
+            // needs its gradient.
+            let residuals = match value == c {
+                true => vec![None, Some(0.0), Some(0.6)],
+                false => vec![None],
+            };
+            for (gamma, keep_budget) in residuals
+                .into_iter()
+                .flat_map(|g| [(g, 0), (g, usize::MAX)])
+            {
+                let what = format!(
+                    "B{batch} C{c} {h}x{wd} q{query} v{value} pooled {pooled} gamma {gamma:?} kept {}",
+                    keep_budget > 0
+                );
+                let gamma = gamma.map(|g| Var::new(&[g as f32], &Device::Cpu).unwrap());
+                let fused = attention_core_keeping(
+                    &x,
+                    &w,
+                    &b,
+                    gamma.as_deref(),
+                    query,
+                    pooled,
+                    keep_budget,
+                )
+                .unwrap();
+                let mut want = reference(&x, &w, &b, query, pooled);
+                if let Some(gamma) = &gamma {
+                    want = (want.broadcast_mul(gamma).unwrap() + x.as_tensor()).unwrap();
+                }
+                assert_close(&fused, &want, &format!("{what} forward"));
+                let (g_fused, g_ref) = (grads(&fused), grads(&want));
+                let mut vars = vec![(&x, "x"), (&w, "w"), (&b, "b")];
+                vars.extend(gamma.as_ref().map(|g| (g, "gamma")));
+                // 2e-5: the key biases' gradient is 0 in exact arithmetic (they shift every
+                // energy row by a constant), so both sides hold rounding noise there, which
+                // grows with the batch.
+                testing::assert_grads_close(&g_fused, &g_ref, &vars, 2e-5, &what);
+            }
         }
     }
 
@@ -492,7 +726,7 @@ mod tests {
         let x = Var::from_tensor(&input(2, 8, 3, 3, 1)).unwrap();
         let w = input(1, 1, 10, 8, 2).reshape((10, 8)).unwrap();
         let b = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
-        let y = attention_core(&x, &w, &b, 1, false).unwrap();
+        let y = attention_core(&x, &w, &b, None, 1, false).unwrap();
         let grads = y.sum_all().unwrap().backward().unwrap();
         assert!(grads.get(&x).is_some());
         assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
@@ -504,26 +738,26 @@ mod tests {
         let w = Tensor::zeros((10, 8), DType::F32, &Device::Cpu).unwrap();
         let b = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
         assert!(
-            attention_core(&x, &w, &b, 5, false).is_err(),
+            attention_core(&x, &w, &b, None, 5, false).is_err(),
             "no value rows left"
         );
         let w7 = Tensor::zeros((10, 7), DType::F32, &Device::Cpu).unwrap();
         assert!(
-            attention_core(&x, &w7, &b, 1, false).is_err(),
+            attention_core(&x, &w7, &b, None, 1, false).is_err(),
             "channel mismatch"
         );
         let empty = Tensor::zeros((2, 8, 0, 3), DType::F32, &Device::Cpu).unwrap();
         assert!(
-            attention_core(&empty, &w, &b, 1, false).is_err(),
+            attention_core(&empty, &w, &b, None, 1, false).is_err(),
             "empty map"
         );
         let b9 = Tensor::zeros(9, DType::F32, &Device::Cpu).unwrap();
         assert!(
-            attention_core(&x, &w, &b9, 1, false).is_err(),
+            attention_core(&x, &w, &b9, None, 1, false).is_err(),
             "bias length"
         );
         assert!(
-            attention_core(&x, &w, &b, 1, true).is_err(),
+            attention_core(&x, &w, &b, None, 1, true).is_err(),
             "odd size, pooled"
         );
     }

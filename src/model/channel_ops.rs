@@ -321,7 +321,7 @@ pub fn batch_norm_act(
     };
     // A norm without scale and shift: the constants 1 and 0, which the graph does not track.
     let (gamma, beta) = match bn.weight_and_bias() {
-        Some((gamma, beta)) => (gamma.clone(), beta.clone()),
+        Some((gamma, beta)) => (super::param(gamma, train), super::param(beta, train)),
         None => {
             let c = bn.running_mean().elem_count();
             let ones = Tensor::ones(c, DType::F32, x.device())?;

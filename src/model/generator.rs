@@ -97,6 +97,38 @@ mod tests {
     use candle_nn::VarMap;
 
     #[test]
+    fn without_grad_trains_like_a_training_forward_but_builds_no_graph() {
+        let cfg = ModelConfig::resolve("sagan-mnist28").unwrap();
+        let build = || {
+            let varmap = VarMap::new();
+            let vb = seeded_var_builder(&varmap, stream(1, 1), &Device::Cpu);
+            let g = Generator::new(vb, &cfg).unwrap();
+            (varmap, g)
+        };
+        let ((vars_a, g_a), (vars_b, g_b)) = (build(), build());
+        let z = normal_tensor(&mut stream(2, 2), 4, cfg.z_dim, &Device::Cpu).unwrap();
+        let tracked = g_a.forward(&z, None, true).unwrap();
+        let untracked = crate::model::without_grad(|| g_b.forward(&z, None, true)).unwrap();
+        assert!(tracked.track_op() && !untracked.track_op());
+        let diff = (&tracked - &untracked).unwrap().abs().unwrap();
+        assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // The same training-mode state updates: spectral-norm vectors, running statistics.
+        let (a, b) = (vars_a.data().lock().unwrap(), vars_b.data().lock().unwrap());
+        for (name, var) in a.iter() {
+            let diff = (var.as_tensor() - b[name].as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap();
+            let diff = diff.flatten_all().unwrap().max(0).unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+        assert!(
+            g_b.forward(&z, None, true).unwrap().track_op(),
+            "only inside the closure"
+        );
+    }
+
+    #[test]
     fn every_preset_generates_images_of_its_shape_in_range() {
         for (name, _) in BUILTIN_PRESETS {
             let cfg = ModelConfig::resolve(name).unwrap();

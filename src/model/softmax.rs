@@ -78,13 +78,15 @@ fn softmax_in_place_portable(row: &mut [f32]) {
     row.iter_mut().for_each(|y| *y *= scale);
 }
 
-/// The gradient of one softmax row in place: `dy` (the output gradient) becomes
-/// `dx = y * (dy - <dy, y>)`.
-pub(super) fn softmax_grad_in_place(y: &[f32], dy: &mut [f32]) {
+/// The gradient of one softmax row in place, for an output scaled by `scale`: `dy` (the
+/// gradient of the unscaled output) becomes `dx = scale * y * (dy - <dy, y>)`. Returns
+/// `<dy, y>`.
+pub(super) fn softmax_grad_in_place(y: &[f32], dy: &mut [f32], scale: f32) -> f32 {
     let dot = lane_sum(dy, |i, dy| dy * y[i]);
     for (dy, &y) in dy.iter_mut().zip(y) {
-        *dy = y * (*dy - dot);
+        *dy = scale * y * (*dy - dot);
     }
+    dot
 }
 
 /// (y, dy) -> dx = y * (dy - <dy, y>) row by row.
@@ -121,7 +123,7 @@ impl CustomOp2 for SoftmaxGrad {
             .for_each(|(dxs, (ys, dys))| {
                 dxs.copy_from_slice(dys);
                 for (dx, y) in dxs.chunks_mut(n).zip(ys.chunks(n)) {
-                    softmax_grad_in_place(y, dx);
+                    softmax_grad_in_place(y, dx, 1.0);
                 }
             });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))

@@ -56,12 +56,13 @@ impl SpectralNorm {
         &self.weight
     }
 
-    /// The weight as a [rows, cols] matrix, rows indexing output units.
-    fn matrix(&self) -> Result<Tensor> {
+    /// `weight` (this layer's, as a forward uses it) as a [rows, cols] matrix, rows indexing
+    /// output units.
+    fn matrix(&self, weight: &Tensor) -> Result<Tensor> {
         let w = if self.out_axis == 0 {
-            self.weight.clone()
+            weight.clone()
         } else {
-            self.weight.transpose(0, self.out_axis)?
+            weight.transpose(0, self.out_axis)?
         };
         let rows = w.dim(0)?;
         w.contiguous()?.reshape((rows, ()))
@@ -77,11 +78,8 @@ impl SpectralNorm {
     /// and stores the new u and v; evaluation uses them as stored and, like every parameter in
     /// an evaluation forward, gives a constant (see `model::param`).
     pub fn weight(&self, train: bool) -> Result<Tensor> {
-        let matrix = self.matrix()?;
-        let weight = match train {
-            true => self.weight.clone(),
-            false => self.weight.detach(),
-        };
+        let weight = super::param(&self.weight, train);
+        let matrix = self.matrix(&weight)?;
         if train {
             let w = matrix.detach();
             let v = normalize(
@@ -93,18 +91,23 @@ impl SpectralNorm {
             self.u.set(&u)?;
             self.v.set(&v)?;
         }
+        // Differentiable in W exactly when `weight` is.
         let sigma = Self::sigma_of(
             &matrix,
             &self.u.as_tensor().detach(),
             &self.v.as_tensor().detach(),
         )?;
-        let sigma = if train { sigma } else { sigma.detach() };
         weight.broadcast_div(&sigma)
     }
 
     /// The current sigma estimate as a number, from the stored vectors.
     pub fn sigma(&self) -> Result<f32> {
-        Self::sigma_of(&self.matrix()?, self.u.as_tensor(), self.v.as_tensor())?.to_scalar()
+        Self::sigma_of(
+            &self.matrix(&self.weight)?,
+            self.u.as_tensor(),
+            self.v.as_tensor(),
+        )?
+        .to_scalar()
     }
 }
 
@@ -277,7 +280,12 @@ mod tests {
             conv.sn.weight(true).unwrap();
         }
         // Rows are output units: weight [in, out, k, k] -> [out, in*k*k].
-        let m = conv.sn.matrix().unwrap().to_vec2::<f32>().unwrap();
+        let m = conv
+            .sn
+            .matrix(&conv.sn.weight)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let expected = largest_singular_value(&m);
         let sigma = conv.sn.sigma().unwrap();
         assert!(

@@ -15,7 +15,7 @@ use crate::data::Dataset;
 use crate::image_io::{
     attention_overlay, default_queries, save_grid, save_png, ImageBatch, MapGrid,
 };
-use crate::model::{Discriminator, Generator, LayerStack};
+use crate::model::{self, Discriminator, Generator, LayerStack};
 use crate::rng::{self, streams};
 use crate::{Error, Result};
 use adam::{Adam, AdamConfig};
@@ -386,11 +386,9 @@ impl Trainer {
         let b = self.cfg.batch_size;
         let (real, real_classes) = self.real_batch(k)?;
         let (z, fake_classes) = self.latents(2 * k as u64)?;
-        // The fake batch is detached: the D step must not reach G's weights.
-        let fake = self
-            .generator
-            .forward(&z, fake_classes.as_ref(), true)?
-            .detach();
+        // G in training mode but without gradients: the D step must not reach G's weights,
+        // and building G's backward graph would be wasted work.
+        let fake = model::without_grad(|| self.generator.forward(&z, fake_classes.as_ref(), true))?;
         let classes = match (real_classes, fake_classes) {
             (Some(real), Some(fake)) => Some(Tensor::cat(&[real, fake], 0)?),
             _ => None,
