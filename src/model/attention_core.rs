@@ -590,6 +590,10 @@ impl CustomOp3 for AttentionCoreGrad {
             .try_for_each_init(
                 || (g.scratch(), g.grad_buffers()),
                 |(recomputed, t), (group, ((sums, dx), (x, dy)))| -> Result<()> {
+                    // Written before the first `+=` reads it: fresh zeroed memory that is read
+                    // first maps the shared zero page, and the write after it costs a
+                    // copy-on-write fault with a TLB shootdown on every CPU.
+                    sums.fill(0.0);
                     let items = dx
                         .chunks_mut(x_item)
                         .zip(x.chunks(x_item).zip(dy.chunks(dy_item)));

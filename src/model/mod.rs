@@ -13,6 +13,7 @@ mod matmul;
 pub mod resnet;
 pub mod softmax;
 pub mod spectral_norm;
+mod spectral_norm_ops;
 mod vector_math;
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! and v are variables of the VarMap (saved in checkpoints, never given gradients): one power
 //! iteration per training forward refines them; evaluation uses them as stored.
 
+use super::spectral_norm_ops;
 use crate::config::Activation;
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -79,6 +80,21 @@ impl SpectralNorm {
     /// an evaluation forward, gives a constant (see `model::param`).
     pub fn weight(&self, train: bool) -> Result<Tensor> {
         let weight = super::param(&self.weight, train);
+        if spectral_norm_ops::supports(&weight) {
+            if train {
+                let (u, v) =
+                    spectral_norm_ops::power_iteration(&weight, self.out_axis, self.u.as_tensor())?;
+                self.u.set(&u)?;
+                self.v.set(&v)?;
+            }
+            let (u, v) = (self.u.as_tensor(), self.v.as_tensor());
+            return spectral_norm_ops::normalized(&weight, self.out_axis, u, v);
+        }
+        self.weight_composed(weight, train)
+    }
+
+    /// `weight` through candle's ops, for tensors the kernels do not take.
+    fn weight_composed(&self, weight: Tensor, train: bool) -> Result<Tensor> {
         let matrix = self.matrix(&weight)?;
         if train {
             let w = matrix.detach();
@@ -248,6 +264,7 @@ impl ModuleT for SNLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing;
     use crate::rng::{seeded_var_builder, stream};
     use candle_core::Device;
     use candle_nn::VarMap;
@@ -269,6 +286,48 @@ mod tests {
             sigma = norm.sqrt();
         }
         sigma as f32
+    }
+
+    #[test]
+    fn kernels_match_the_composed_normalisation() {
+        // (kind or linear, in, out, k): output units on axis 0 and on axis 1.
+        for (kind, cin, cout, k) in [
+            (Some(ConvKind::Conv), 5, 7, 3),
+            (Some(ConvKind::Transpose), 6, 4, 4),
+            (None, 9, 3, 1),
+        ] {
+            let build = || {
+                let varmap = VarMap::new();
+                let vb = seeded_var_builder(&varmap, stream(5, 1), &Device::Cpu);
+                let sn = match kind {
+                    Some(kind) => SNConv2d::new(vb, kind, cin, cout, k, 1, 0).unwrap().sn,
+                    None => SNLinear::new(vb, cin, cout).unwrap().sn,
+                };
+                (varmap, sn)
+            };
+            let ((_, fast), (_, composed)) = (build(), build());
+            let what = format!("{kind:?} {cin}->{cout} k{k}");
+            for train in [true, true, false] {
+                let got = fast.weight(train).unwrap();
+                let want = composed
+                    .weight_composed(super::super::param(&composed.weight, train), train)
+                    .unwrap();
+                testing::assert_close(&got, &want, 1e-5, &format!("{what} train {train}"));
+                for (a, b) in [(&fast.u, &composed.u), (&fast.v, &composed.v)] {
+                    testing::assert_close(a.as_tensor(), b.as_tensor(), 1e-5, &what);
+                }
+                if train {
+                    let r = testing::input(1, 1, 1, got.elem_count(), 9).reshape(got.shape());
+                    let r = r.unwrap();
+                    let grad = |w: &Tensor, sn: &SpectralNorm| {
+                        let grads = (w * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                        grads.get(&sn.weight).unwrap().clone()
+                    };
+                    let (g, w) = (grad(&got, &fast), grad(&want, &composed));
+                    testing::assert_close(&g, &w, 1e-5, &format!("{what} gradient"));
+                }
+            }
+        }
     }
 
     #[test]
