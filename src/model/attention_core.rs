@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 
 use super::cpu_storage::f32_slice;
-use super::matmul::{matmul, matmul_serial, MatRef};
+use super::matmul::{matmul_on, MatRef};
 use super::softmax::{softmax_grad_in_place, softmax_in_place};
 
 /// Most bytes of per-item buffers (qkv, pooled keys and values, map) a forward keeps for its
@@ -221,10 +221,7 @@ impl Geom {
 
     /// `dst = a x b` (`+=` when `accumulate`) on the item's share of the threads.
     fn gemm(&self, dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) -> Result<()> {
-        match self.split_items {
-            true => matmul(dst, a, b, accumulate),
-            false => matmul_serial(dst, a, b, accumulate),
-        }
+        matmul_on(dst, a, b, accumulate, self.split_items)
     }
 
     /// `f` on every row of `rows` (rows of `len`), on the item's share of the threads; its

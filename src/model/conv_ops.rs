@@ -29,7 +29,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu_storage::f32_slice;
-use super::matmul::{matmul, MatRef};
+use super::matmul::{matmul, matmul_on, MatRef};
 
 /// `y = conv2d(x, w)` without bias. `x` is `[B, Cin, H, W]`, `w` is `[Cout, Cin, k, k]` (square
 /// kernel); groups 1, dilation 1. Output spatial size is `(H + 2 * padding - k) / stride + 1`.
@@ -454,28 +454,61 @@ const CHUNK_COLS_BUDGET: usize = 1 << 20;
 /// Fewest GEMM columns (batch items x output pixels) worth a chunk of their own.
 const CHUNK_MIN_COLS: usize = 256;
 
-/// Splits the batch into chunks of consecutive items: yields each chunk's first item and its
-/// geometry (the full geometry with `batch` reduced to the chunk's size).
-fn batch_chunks(geom: &ConvGeom) -> impl Iterator<Item = (usize, ConvGeom)> + '_ {
+/// Items per batch chunk: about `CHUNK_COLS_BUDGET` im2col elements, at least
+/// `CHUNK_MIN_COLS` columns, and then evened out so that the chunk count is a multiple of the
+/// thread count (chunks may run one per thread: see `for_each_chunk`).
+fn chunk_items(geom: &ConvGeom) -> usize {
     let per_item = geom.col_rows() * geom.out_plane();
+    let batch = geom.batch.max(1);
     let items = (CHUNK_COLS_BUDGET / per_item.max(1))
         .max(CHUNK_MIN_COLS.div_ceil(geom.out_plane().max(1)))
-        .clamp(1, geom.batch.max(1));
-    (0..geom.batch).step_by(items).map(move |first| {
-        (
-            first,
-            ConvGeom {
-                batch: items.min(geom.batch - first),
-                ..*geom
-            },
-        )
-    })
+        .clamp(1, batch);
+    let threads = rayon::current_num_threads().max(1);
+    let chunks = batch.div_ceil(items).next_multiple_of(threads).min(batch);
+    batch.div_ceil(chunks)
+}
+
+/// Reusable buffers of one chunk's pass: the im2col matrix and a layout buffer.
+type ChunkBuffers = (Vec<f32>, Vec<f32>);
+
+/// Runs `f(chunk geometry, dst chunk, src chunk, buffers, all_threads)` for every batch chunk,
+/// `dst` and `src` split into chunks of `dst_item` and `src_item` elements per batch item.
+///
+/// With at least as many chunks as threads the chunks run in parallel, each on one thread with
+/// single-threaded GEMMs (`all_threads` false): gemm's own threading splits every product and
+/// joins after it, and im2col, GEMM and rearrangement would each fork and join per chunk, where
+/// whole chunks per thread synchronise once. Fewer chunks run one after another on all threads.
+fn for_each_chunk(
+    geom: &ConvGeom,
+    dst: &mut [f32],
+    dst_item: usize,
+    src: &[f32],
+    src_item: usize,
+    f: impl Fn(&ConvGeom, &mut [f32], &[f32], &mut ChunkBuffers, bool) -> candle_core::Result<()> + Sync,
+) -> candle_core::Result<()> {
+    let items = chunk_items(geom);
+    let chunk_geom = |dst: &[f32]| ConvGeom {
+        batch: dst.len() / dst_item,
+        ..*geom
+    };
+    let threads = rayon::current_num_threads();
+    if threads > 1 && geom.batch.div_ceil(items) >= threads {
+        dst.par_chunks_mut(items * dst_item)
+            .zip(src.par_chunks(items * src_item))
+            .try_for_each_init(ChunkBuffers::default, |bufs, (dst, src)| {
+                f(&chunk_geom(dst), dst, src, bufs, false)
+            })
+    } else {
+        let mut bufs = ChunkBuffers::default();
+        dst.chunks_mut(items * dst_item)
+            .zip(src.chunks(items * src_item))
+            .try_for_each(|(dst, src)| f(&chunk_geom(dst), dst, src, &mut bufs, true))
+    }
 }
 
 /// Plain convolution, image -> output: `out[b] = W [O, C*k*k] x im2col(img[b])`, one GEMM per
 /// batch chunk over the chunk's side-by-side im2col matrix.
 fn conv_forward(geom: &ConvGeom, img: &[f32], w: &[f32]) -> candle_core::Result<Vec<f32>> {
-    let (img_item, out_item) = (geom.img_item(), geom.out_item());
     let w_mat = MatRef::row_major(w, geom.out_c, geom.col_rows());
     let mut out = vec![0f32; geom.out_len()];
     if geom.is_dense() {
@@ -484,36 +517,37 @@ fn conv_forward(geom: &ConvGeom, img: &[f32], w: &[f32]) -> candle_core::Result<
         matmul(&mut out, img, w_mat.t(), false)?;
         return Ok(out);
     }
-    let (mut cols, mut channel_major) = (Vec::new(), Vec::new());
-    for (first, chunk) in batch_chunks(geom) {
-        im2col(
-            &chunk,
-            &img[first * img_item..][..chunk.img_len()],
-            &mut cols,
-        );
-        let cols_mat = MatRef::row_major(&cols, chunk.col_rows(), chunk.col_cols());
-        let dst = &mut out[first * out_item..][..chunk.out_len()];
-        if chunk.batch == 1 {
-            matmul(dst, w_mat, cols_mat, false)?;
-        } else {
+    let (out_item, img_item) = (geom.out_item(), geom.img_item());
+    for_each_chunk(
+        geom,
+        &mut out,
+        out_item,
+        img,
+        img_item,
+        |chunk, dst, img, (cols, channel_major), all_threads| {
+            im2col(chunk, img, cols);
+            let cols_mat = MatRef::row_major(cols, chunk.col_rows(), chunk.col_cols());
+            if chunk.batch == 1 {
+                return matmul_on(dst, w_mat, cols_mat, false, all_threads);
+            }
             channel_major.resize(chunk.out_len(), 0.0);
-            matmul(&mut channel_major, w_mat, cols_mat, false)?;
+            matmul_on(channel_major, w_mat, cols_mat, false, all_threads)?;
             swap_outer_dims(
-                &channel_major,
+                channel_major,
                 dst,
                 chunk.out_c,
                 chunk.batch,
                 chunk.out_plane(),
             );
-        }
-    }
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 
 /// Adjoint of `conv_forward`, output -> image: per batch chunk, `cols = W^T [C*k*k, O] x grad`,
 /// then col2im scatter-adds every column back onto the image pixels it was read from.
 fn conv_backward_data(geom: &ConvGeom, grad: &[f32], w: &[f32]) -> candle_core::Result<Vec<f32>> {
-    let (img_item, out_item) = (geom.img_item(), geom.out_item());
     let w_mat = MatRef::row_major(w, geom.out_c, geom.col_rows());
     let mut img = vec![0f32; geom.img_len()];
     if geom.is_dense() {
@@ -522,27 +556,22 @@ fn conv_backward_data(geom: &ConvGeom, grad: &[f32], w: &[f32]) -> candle_core::
         matmul(&mut img, grad, w_mat, false)?;
         return Ok(img);
     }
-    let w_t = w_mat.t();
-    let (mut cols, mut grad_buf) = (Vec::new(), Vec::new());
-    for (first, chunk) in batch_chunks(geom) {
-        let grad = channel_major(
-            &chunk,
-            &grad[first * out_item..][..chunk.out_len()],
-            &mut grad_buf,
-        );
-        cols.resize(chunk.col_rows() * chunk.col_cols(), 0.0);
-        matmul(
-            &mut cols,
-            w_t,
-            MatRef::row_major(grad, chunk.out_c, chunk.col_cols()),
-            false,
-        )?;
-        col2im(
-            &chunk,
-            &cols,
-            &mut img[first * img_item..][..chunk.img_len()],
-        );
-    }
+    let (img_item, out_item) = (geom.img_item(), geom.out_item());
+    for_each_chunk(
+        geom,
+        &mut img,
+        img_item,
+        grad,
+        out_item,
+        |chunk, img, grad, (cols, grad_buf), all_threads| {
+            let grad = channel_major(chunk, grad, grad_buf);
+            cols.resize(chunk.col_rows() * chunk.col_cols(), 0.0);
+            let grad = MatRef::row_major(grad, chunk.out_c, chunk.col_cols());
+            matmul_on(cols, w_mat.t(), grad, false, all_threads)?;
+            col2im(chunk, cols, img);
+            Ok(())
+        },
+    )?;
     Ok(img)
 }
 
@@ -553,7 +582,6 @@ fn conv_backward_filter(
     img: &[f32],
     grad: &[f32],
 ) -> candle_core::Result<Vec<f32>> {
-    let (img_item, out_item) = (geom.img_item(), geom.out_item());
     let mut dw = vec![0f32; geom.kernel_len()];
     if geom.is_dense() {
         // dW [O, C*k*k] = grad^T [O, B] x img [B, C*k*k].
@@ -562,8 +590,53 @@ fn conv_backward_filter(
         matmul(&mut dw, grad_t, img, false)?;
         return Ok(dw);
     }
+    let items = chunk_items(geom);
+    let threads = rayon::current_num_threads();
+    let chunks = geom.batch.div_ceil(items);
+    if threads < 2 || chunks < threads {
+        accumulate_filter_grad(geom, img, grad, items, &mut dw, true)?;
+        return Ok(dw);
+    }
+    // One run of consecutive chunks per thread, each summing into its own buffer with
+    // single-threaded GEMMs (see `for_each_chunk`); the runs' sums are added in order.
+    let run_items = chunks.div_ceil(threads) * items;
+    let (img_item, out_item) = (geom.img_item(), geom.out_item());
+    let partials = img
+        .par_chunks(run_items * img_item)
+        .zip(grad.par_chunks(run_items * out_item))
+        .map(|(img, grad)| {
+            let run = ConvGeom {
+                batch: img.len() / img_item,
+                ..*geom
+            };
+            let mut partial = vec![0f32; dw.len()];
+            accumulate_filter_grad(&run, img, grad, items, &mut partial, false)?;
+            Ok(partial)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    for partial in partials {
+        dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+    }
+    Ok(dw)
+}
+
+/// `dw = sum over chunks of `items` batch items of grad [O, n] x im2col(img)^T [n, C*k*k]`
+/// (`dw` is overwritten).
+fn accumulate_filter_grad(
+    geom: &ConvGeom,
+    img: &[f32],
+    grad: &[f32],
+    items: usize,
+    dw: &mut [f32],
+    all_threads: bool,
+) -> candle_core::Result<()> {
+    let (img_item, out_item) = (geom.img_item(), geom.out_item());
     let (mut cols, mut grad_buf) = (Vec::new(), Vec::new());
-    for (first, chunk) in batch_chunks(geom) {
+    for first in (0..geom.batch).step_by(items) {
+        let chunk = ConvGeom {
+            batch: items.min(geom.batch - first),
+            ..*geom
+        };
         im2col(
             &chunk,
             &img[first * img_item..][..chunk.img_len()],
@@ -576,14 +649,10 @@ fn conv_backward_filter(
         );
         let (rows, n) = (chunk.col_rows(), chunk.col_cols());
         let cols_t = MatRef::row_major(&cols, rows, n).t();
-        matmul(
-            &mut dw,
-            MatRef::row_major(grad, chunk.out_c, n),
-            cols_t,
-            first > 0,
-        )?;
+        let grad = MatRef::row_major(grad, chunk.out_c, n);
+        matmul_on(dw, grad, cols_t, first > 0, all_threads)?;
     }
-    Ok(dw)
+    Ok(())
 }
 
 /// Output-side data `[B, O, Ho*Wo]` as `[O, B*Ho*Wo]`, the GEMM operand layout; rearranged into
@@ -811,7 +880,7 @@ mod tests {
         case(3, 2, 3, 13, 11, 7, 2, 1),
         case(3, 6, 3, 8, 8, 4, 2, 1),
         case(3, 4, 2, 1, 1, 1, 1, 0),
-        // Large enough for `batch_chunks` to split the batch 2 + 1.
+        // Large enough to be split into chunks.
         case(3, 128, 3, 17, 17, 4, 1, 1),
     ];
 
@@ -828,7 +897,7 @@ mod tests {
         case(3, 4, 3, 4, 5, 7, 2, 1),
         case(2, 3, 2, 4, 4, 1, 2, 0),
         case(1, 1, 3, 6, 3, 4, 1, 1),
-        // Large enough for `batch_chunks` to split the batch 2 + 1.
+        // Large enough to be split into chunks.
         case(3, 3, 128, 16, 16, 4, 1, 1),
     ];
 
@@ -900,14 +969,12 @@ mod tests {
     #[test]
     fn large_cases_are_split_into_chunks() {
         let c = CONV_CASES[CONV_CASES.len() - 1];
-        let geom = ConvGeom::for_conv2d(
+        let conv = ConvGeom::for_conv2d(
             &[c.b, c.cin, c.h, c.w],
             &[c.cout, c.cin, c.k, c.k],
             c.s,
             c.p,
         );
-        let sizes: Vec<usize> = batch_chunks(&geom.unwrap()).map(|(_, g)| g.batch).collect();
-        assert_eq!(sizes, [2, 1]);
         let c = CONV_T_CASES[CONV_T_CASES.len() - 1];
         let op = ConvTranspose2dOp {
             stride: c.s,
@@ -915,13 +982,19 @@ mod tests {
             img_h: c.h + 1,
             img_w: c.w + 1,
         };
-        let geom = ConvGeom::for_conv_transpose2d(
+        let conv_t = ConvGeom::for_conv_transpose2d(
             &[c.b, c.cin, c.h, c.w],
             &[c.cin, c.cout, c.k, c.k],
             &op,
         );
-        let sizes: Vec<usize> = batch_chunks(&geom.unwrap()).map(|(_, g)| g.batch).collect();
-        assert_eq!(sizes, [2, 1]);
+        let threads = rayon::current_num_threads();
+        for geom in [conv.unwrap(), conv_t.unwrap()] {
+            let items = chunk_items(&geom);
+            let chunks = geom.batch.div_ceil(items);
+            assert!(chunks > 1, "{geom:?}: {items} items per chunk");
+            // As many chunks as the budget needs, evened out over the threads.
+            assert!(chunks % threads == 0 || items == 1, "{chunks} chunks");
+        }
     }
 
     #[test]

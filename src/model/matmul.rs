@@ -67,6 +67,20 @@ pub(super) fn matmul_serial(
     gemm_into(dst, a, b, accumulate, gemm::Parallelism::None)
 }
 
+/// `matmul` on all threads, or `matmul_serial`.
+pub(super) fn matmul_on(
+    dst: &mut [f32],
+    a: MatRef,
+    b: MatRef,
+    accumulate: bool,
+    all_threads: bool,
+) -> candle_core::Result<()> {
+    match all_threads {
+        true => matmul(dst, a, b, accumulate),
+        false => matmul_serial(dst, a, b, accumulate),
+    }
+}
+
 fn gemm_into(
     dst: &mut [f32],
     a: MatRef,
