@@ -631,6 +631,11 @@ fn accumulate_filter_grad(
     all_threads: bool,
 ) -> candle_core::Result<()> {
     let (img_item, out_item) = (geom.img_item(), geom.out_item());
+    // gemm copies (packs) the operand that is not in its preferred layout: here im2col's
+    // matrix, C*k*k x n elements. Computed transposed, dW^T = im2col(img) x grad^T, it packs
+    // the output gradient, O x n, instead: take the order that packs the smaller one.
+    let transposed = geom.col_rows() > geom.out_c;
+    let mut dw_t = vec![0f32; if transposed { dw.len() } else { 0 }];
     let (mut cols, mut grad_buf) = (Vec::new(), Vec::new());
     for first in (0..geom.batch).step_by(items) {
         let chunk = ConvGeom {
@@ -648,9 +653,15 @@ fn accumulate_filter_grad(
             &mut grad_buf,
         );
         let (rows, n) = (chunk.col_rows(), chunk.col_cols());
-        let cols_t = MatRef::row_major(&cols, rows, n).t();
+        let cols = MatRef::row_major(&cols, rows, n);
         let grad = MatRef::row_major(grad, chunk.out_c, n);
-        matmul_on(dw, grad, cols_t, first > 0, all_threads)?;
+        match transposed {
+            true => matmul_on(&mut dw_t, cols, grad.t(), first > 0, all_threads)?,
+            false => matmul_on(dw, grad, cols.t(), first > 0, all_threads)?,
+        }
+    }
+    if transposed {
+        swap_outer_dims(&dw_t, dw, geom.col_rows(), geom.out_c, 1);
     }
     Ok(())
 }
