@@ -585,7 +585,14 @@ impl CustomOp3 for AttentionCoreGrad {
             .enumerate()
             .with_min_len(groups.div_ceil(rayon::current_num_threads()))
             .try_for_each_init(
-                || (g.scratch(), g.grad_buffers()),
+                || {
+                    // Buffers for a recomputed forward, unless the forward's were kept.
+                    let recomputed = match self.kept {
+                        Some(_) => Scratch::default(),
+                        None => g.scratch(),
+                    };
+                    (recomputed, g.grad_buffers())
+                },
                 |(recomputed, t), (group, ((sums, dx), (x, dy)))| -> Result<()> {
                     // Written before the first `+=` reads it: fresh zeroed memory that is read
                     // first maps the shared zero page, and the write after it costs a
