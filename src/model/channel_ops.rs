@@ -177,6 +177,51 @@ fn affine_act(
     y
 }
 
+/// Bias + activation as the epilogue of another kernel (the convolutions'): applied in place
+/// to its output, and the backward from that output, as `bias_act` computes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Epilogue {
+    act: Act,
+}
+
+impl Epilogue {
+    /// `None` where `bias_act` would not take the fused kernels.
+    pub(super) fn new(act: Activation, leaky_slope: f64) -> Option<Self> {
+        Act::new(act, leaky_slope).map(|act| Self { act })
+    }
+
+    /// `y = act(y + bias[channel])` for `y` [B, C, inner], in place.
+    pub(super) fn apply_in_place(self, y: &mut [f32], bias: &[f32], inner: usize) {
+        let c = bias.len();
+        y.par_chunks_mut(inner.max(1))
+            .enumerate()
+            .with_min_len(planes_per_task(inner))
+            .for_each(|(plane, y)| {
+                let shift = bias[plane % c];
+                y.iter_mut().for_each(|v| *v = self.act.apply(*v + shift));
+            });
+    }
+
+    /// From the epilogue's output `y` and its gradient: the gradient before the activation
+    /// (the kernel's own output gradient) and, where `bias` is tracked, the bias gradient.
+    pub(super) fn backward(
+        self,
+        y: &Tensor,
+        grad: &Tensor,
+        bias: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let dz = match self.act {
+            Act::Identity => grad.clone(),
+            act => grad.contiguous()?.apply_op2_no_bwd(y, &ActGrad { act })?,
+        };
+        let dbias = bias
+            .track_op()
+            .then(|| dz.contiguous()?.apply_op1_no_bwd(&ChannelSum))
+            .transpose()?;
+        Ok((dz, dbias))
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct BiasAct {
     act: Act,
@@ -208,14 +253,7 @@ impl CustomOp2 for BiasAct {
         y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dz = match self.act {
-            Act::Identity => grad.clone(),
-            act => grad.contiguous()?.apply_op2_no_bwd(y, &ActGrad { act })?,
-        };
-        let dbias = bias
-            .track_op()
-            .then(|| dz.contiguous()?.apply_op1_no_bwd(&ChannelSum))
-            .transpose()?;
+        let (dz, dbias) = Epilogue { act: self.act }.backward(y, grad, bias)?;
         Ok((x.track_op().then_some(dz), dbias))
     }
 }

@@ -25,9 +25,12 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
+
+use crate::config::Activation;
 use rayon::prelude::*;
 
+use super::channel_ops::{self, Epilogue};
 use super::cpu_storage::f32_slice;
 use super::matmul::{matmul, matmul_on, MatRef};
 
@@ -48,6 +51,41 @@ pub fn conv2d(
     let w = w.contiguous()?;
     ConvGeom::for_conv2d(x.dims(), w.dims(), stride, padding)?;
     x.apply_op2(&w, Conv2dOp { stride, padding })
+}
+
+/// `act(conv2d(x, w) + bias)` as one op: the bias and activation are applied to each output
+/// chunk in place, and the convolution's own output never becomes a tensor with a gradient
+/// buffer of its own. The same result as `channel_ops::bias_act(&conv2d(..), ..)`, which is
+/// what anything but f32 on the CPU (or a negative leaky slope) gets.
+pub fn conv2d_bias_act(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    padding: usize,
+    act: Activation,
+    leaky_slope: f64,
+) -> candle_core::Result<Tensor> {
+    let epilogue = Epilogue::new(act, leaky_slope);
+    let (Some(epilogue), true, DType::F32) = (epilogue, use_fast_path(x, w), bias.dtype()) else {
+        let y = conv2d(x, w, stride, padding)?;
+        return channel_ops::bias_act(&y, Some(bias), act, leaky_slope);
+    };
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let geom = ConvGeom::for_conv2d(x.dims(), w.dims(), stride, padding)?;
+    if bias.dims() != [geom.out_c] {
+        candle_core::bail!(
+            "conv2d: bias shape {:?} for {} output channels",
+            bias.dims(),
+            geom.out_c
+        );
+    }
+    let op = Conv2dEpilogueOp {
+        conv: Conv2dOp { stride, padding },
+        epilogue,
+    };
+    x.apply_op3(&w, &bias.contiguous()?, op)
 }
 
 /// Transposed convolution without bias. `x` is `[B, Cin, H, W]`, `w` is `[Cin, Cout, k, k]`
@@ -314,7 +352,7 @@ impl CustomOp2 for Conv2dOp {
         let geom = ConvGeom::for_conv2d(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let x = f32_slice(s1, l1, geom.img_len())?;
         let w = f32_slice(s2, l2, geom.kernel_len())?;
-        let y = conv_forward(&geom, x, w)?;
+        let y = conv_forward(&geom, x, w, None)?;
         let shape = Shape::from((geom.batch, geom.out_c, geom.out_h, geom.out_w));
         Ok((CpuStorage::F32(y), shape))
     }
@@ -351,6 +389,51 @@ impl CustomOp2 for Conv2dOp {
             .then(|| x.apply_op2_no_bwd(&grad, &filter_op))
             .transpose()?;
         Ok((grad_x, grad_w))
+    }
+}
+
+/// `conv2d_bias_act` as a custom op: `(x, w, bias [O]) -> act(conv2d(x, w) + bias)`.
+#[derive(Clone, Copy, Debug)]
+struct Conv2dEpilogueOp {
+    conv: Conv2dOp,
+    epilogue: Epilogue,
+}
+
+impl CustomOp3 for Conv2dEpilogueOp {
+    fn name(&self) -> &'static str {
+        "sagan-conv2d-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (stride, padding) = (self.conv.stride, self.conv.padding);
+        let geom = ConvGeom::for_conv2d(l1.dims(), l2.dims(), stride, padding)?;
+        let x = f32_slice(s1, l1, geom.img_len())?;
+        let w = f32_slice(s2, l2, geom.kernel_len())?;
+        let bias = f32_slice(s3, l3, geom.out_c)?;
+        let y = conv_forward(&geom, x, w, Some((self.epilogue, bias)))?;
+        let shape = Shape::from((geom.batch, geom.out_c, geom.out_h, geom.out_w));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dz, dbias) = self.epilogue.backward(y, grad, bias)?;
+        let (dx, dw) = self.conv.bwd(x, w, y, &dz)?;
+        Ok((dx, dw, dbias))
     }
 }
 
@@ -507,14 +590,26 @@ fn for_each_chunk(
 }
 
 /// Plain convolution, image -> output: `out[b] = W [O, C*k*k] x im2col(img[b])`, one GEMM per
-/// batch chunk over the chunk's side-by-side im2col matrix.
-fn conv_forward(geom: &ConvGeom, img: &[f32], w: &[f32]) -> candle_core::Result<Vec<f32>> {
+/// batch chunk over the chunk's side-by-side im2col matrix. An `epilogue` with its bias is
+/// applied to each chunk's output while it is in cache.
+fn conv_forward(
+    geom: &ConvGeom,
+    img: &[f32],
+    w: &[f32],
+    epilogue: Option<(Epilogue, &[f32])>,
+) -> candle_core::Result<Vec<f32>> {
     let w_mat = MatRef::row_major(w, geom.out_c, geom.col_rows());
     let mut out = vec![0f32; geom.out_len()];
+    let finish = |out: &mut [f32]| {
+        if let Some((epilogue, bias)) = epilogue {
+            epilogue.apply_in_place(out, bias, geom.out_plane());
+        }
+    };
     if geom.is_dense() {
         // out [B, O] = img [B, C*k*k] x W^T.
         let img = MatRef::row_major(img, geom.batch, geom.col_rows());
         matmul(&mut out, img, w_mat.t(), false)?;
+        finish(&mut out);
         return Ok(out);
     }
     let (out_item, img_item) = (geom.out_item(), geom.img_item());
@@ -528,17 +623,19 @@ fn conv_forward(geom: &ConvGeom, img: &[f32], w: &[f32]) -> candle_core::Result<
             im2col(chunk, img, cols);
             let cols_mat = MatRef::row_major(cols, chunk.col_rows(), chunk.col_cols());
             if chunk.batch == 1 {
-                return matmul_on(dst, w_mat, cols_mat, false, all_threads);
+                matmul_on(dst, w_mat, cols_mat, false, all_threads)?;
+            } else {
+                channel_major.resize(chunk.out_len(), 0.0);
+                matmul_on(channel_major, w_mat, cols_mat, false, all_threads)?;
+                swap_outer_dims(
+                    channel_major,
+                    dst,
+                    chunk.out_c,
+                    chunk.batch,
+                    chunk.out_plane(),
+                );
             }
-            channel_major.resize(chunk.out_len(), 0.0);
-            matmul_on(channel_major, w_mat, cols_mat, false, all_threads)?;
-            swap_outer_dims(
-                channel_major,
-                dst,
-                chunk.out_c,
-                chunk.batch,
-                chunk.out_plane(),
-            );
+            finish(dst);
             Ok(())
         },
     )?;
@@ -1005,6 +1102,33 @@ mod tests {
             assert!(chunks > 1, "{geom:?}: {items} items per chunk");
             // As many chunks as the budget needs, evened out over the threads.
             assert!(chunks % threads == 0 || items == 1, "{chunks} chunks");
+        }
+    }
+
+    #[test]
+    fn fused_bias_and_activation_match_the_separate_ops() {
+        use crate::model::testing::assert_grads_close;
+        let acts = [
+            (Activation::LeakyRelu, 0.1),
+            (Activation::Relu, 0.0),
+            (Activation::Tanh, 0.0),
+            (Activation::None, 0.0),
+        ];
+        // Every conv case (strided, padded, chunked, dense) with each activation in turn.
+        for (i, c) in CONV_CASES.iter().enumerate() {
+            let (act, slope) = acts[i % acts.len()];
+            let (x, w) = conv_inputs(c, i as u64 * 10 + 7);
+            let (x, w) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+            let b = Var::from_tensor(&randn(&[c.cout], i as u64 + 50)).unwrap();
+            let fused = conv2d_bias_act(&x, &w, &b, c.s, c.p, act, slope).unwrap();
+            let y = conv2d(&x, &w, c.s, c.p).unwrap();
+            let separate = channel_ops::bias_act(&y, Some(&b), act, slope).unwrap();
+            let what = format!("{c:?} {act:?}");
+            assert_close(&fused, &separate, &what);
+            let r = randn(fused.dims(), 98);
+            let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let vars = [(&x, "x"), (&w, "w"), (&b, "bias")];
+            assert_grads_close(&grads(&fused), &grads(&separate), &vars, 1e-5, &what);
         }
     }
 

@@ -207,6 +207,19 @@ impl SNConv2d {
         train: bool,
     ) -> Result<Tensor> {
         let bias = super::param(&self.bias, train);
+        if self.kind == ConvKind::Conv {
+            let w = self.sn.weight(train)?;
+            let (stride, padding) = (self.stride, self.padding);
+            return super::conv_ops::conv2d_bias_act(
+                x,
+                &w,
+                &bias,
+                stride,
+                padding,
+                act,
+                leaky_slope,
+            );
+        }
         let y = self.forward_unbiased(x, train)?;
         super::channel_ops::bias_act(&y, Some(&bias), act, leaky_slope)
     }
