@@ -337,6 +337,27 @@ struct Conv2dOp {
     padding: usize,
 }
 
+impl Conv2dOp {
+    /// The forward on the operands' storage, with an epilogue and its bias operand if given.
+    fn forward(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        epilogue: Option<(Epilogue, &CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let geom = ConvGeom::for_conv2d(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let x = f32_slice(s1, l1, geom.img_len())?;
+        let w = f32_slice(s2, l2, geom.kernel_len())?;
+        let epilogue = match epilogue {
+            Some((epilogue, s3, l3)) => Some((epilogue, f32_slice(s3, l3, geom.out_c)?)),
+            None => None,
+        };
+        let y = conv_forward(&geom, x, w, epilogue)?;
+        let shape = Shape::from((geom.batch, geom.out_c, geom.out_h, geom.out_w));
+        Ok((CpuStorage::F32(y), shape))
+    }
+}
+
 impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
         "sagan-conv2d"
@@ -349,12 +370,7 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let geom = ConvGeom::for_conv2d(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let x = f32_slice(s1, l1, geom.img_len())?;
-        let w = f32_slice(s2, l2, geom.kernel_len())?;
-        let y = conv_forward(&geom, x, w, None)?;
-        let shape = Shape::from((geom.batch, geom.out_c, geom.out_h, geom.out_w));
-        Ok((CpuStorage::F32(y), shape))
+        self.forward((s1, l1), (s2, l2), None)
     }
 
     fn bwd(
@@ -413,14 +429,8 @@ impl CustomOp3 for Conv2dEpilogueOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (stride, padding) = (self.conv.stride, self.conv.padding);
-        let geom = ConvGeom::for_conv2d(l1.dims(), l2.dims(), stride, padding)?;
-        let x = f32_slice(s1, l1, geom.img_len())?;
-        let w = f32_slice(s2, l2, geom.kernel_len())?;
-        let bias = f32_slice(s3, l3, geom.out_c)?;
-        let y = conv_forward(&geom, x, w, Some((self.epilogue, bias)))?;
-        let shape = Shape::from((geom.batch, geom.out_c, geom.out_h, geom.out_w));
-        Ok((CpuStorage::F32(y), shape))
+        let epilogue = Some((self.epilogue, s3, l3));
+        self.conv.forward((s1, l1), (s2, l2), epilogue)
     }
 
     fn bwd(
@@ -551,6 +561,13 @@ fn chunk_items(geom: &ConvGeom) -> usize {
     batch.div_ceil(chunks)
 }
 
+/// Whether chunks of `items` run one per thread: with more than one thread and at least as many
+/// chunks as threads (see `for_each_chunk`).
+fn chunks_per_thread(geom: &ConvGeom, items: usize) -> bool {
+    let threads = rayon::current_num_threads();
+    threads > 1 && geom.batch.div_ceil(items) >= threads
+}
+
 /// Reusable buffers of one chunk's pass: the im2col matrix and a layout buffer.
 type ChunkBuffers = (Vec<f32>, Vec<f32>);
 
@@ -574,8 +591,7 @@ fn for_each_chunk(
         batch: dst.len() / dst_item,
         ..*geom
     };
-    let threads = rayon::current_num_threads();
-    if threads > 1 && geom.batch.div_ceil(items) >= threads {
+    if chunks_per_thread(geom, items) {
         dst.par_chunks_mut(items * dst_item)
             .zip(src.par_chunks(items * src_item))
             .try_for_each_init(ChunkBuffers::default, |bufs, (dst, src)| {
@@ -688,15 +704,14 @@ fn conv_backward_filter(
         return Ok(dw);
     }
     let items = chunk_items(geom);
-    let threads = rayon::current_num_threads();
-    let chunks = geom.batch.div_ceil(items);
-    if threads < 2 || chunks < threads {
+    if !chunks_per_thread(geom, items) {
         accumulate_filter_grad(geom, img, grad, items, &mut dw, true)?;
         return Ok(dw);
     }
     // One run of consecutive chunks per thread, each summing into its own buffer with
     // single-threaded GEMMs (see `for_each_chunk`); the runs' sums are added in order.
-    let run_items = chunks.div_ceil(threads) * items;
+    let chunks = geom.batch.div_ceil(items);
+    let run_items = chunks.div_ceil(rayon::current_num_threads()) * items;
     let (img_item, out_item) = (geom.img_item(), geom.out_item());
     let partials = img
         .par_chunks(run_items * img_item)
