@@ -1,6 +1,11 @@
 //! sagan-train: trains a Self-Attention GAN and writes safetensors checkpoints.
 
 use anyhow::{bail, Context, Result};
+
+// Reuses freed training buffers without returning them to the OS (see cpu::keep_freed_memory).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 use sagan::checkpoint::{self, Kind, RunDir};
 use sagan::config::{preset_names, LossKind, ModelConfig, TrainConfig};
@@ -216,6 +221,7 @@ fn main() {
 }
 
 fn run(args: Args, progress_bar: bool) -> Result<i32> {
+    cpu::keep_freed_memory();
     let threads = cpu::configure(args.threads)?;
     let (model_cfg, cfg, run_dir, resuming) = match &args.resume {
         Some(dir) => {

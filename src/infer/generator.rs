@@ -219,8 +219,11 @@ struct Signature {
     image_shape: [Option<usize>; 3],
     attention_outputs: Vec<String>,
     /// Declared (queries, keys) of each attention output.
-    attention_n: Vec<(Option<usize>, Option<usize>)>,
+    attention_n: Vec<MapDims>,
 }
+
+/// Declared (queries, keys) of an attention output; `None` where symbolic.
+type MapDims = (Option<usize>, Option<usize>);
 
 impl Generator {
     /// Loads `path` on `options.provider`, validates it against the sagan export contract and,
@@ -818,7 +821,7 @@ fn inspect(
         };
     }
 
-    let mut attention: Vec<(usize, String, (Option<usize>, Option<usize>))> = Vec::new();
+    let mut attention: Vec<(usize, String, MapDims)> = Vec::new();
     for output in outputs {
         let Some(index) = output
             .name()
