@@ -26,7 +26,7 @@ use std::sync::Arc;
 /// grid and attention maps every --sample-every steps, metrics.jsonl and curves.png.
 ///
 /// Examples:
-///   sagan-train                                   # built-in default, about 10 minutes on 2 cores
+///   sagan-train                                   # built-in default, under 3 minutes on 2 cores
 ///   sagan-train --data data/mnist --steps 20000   # full MNIST (tools/fetch-mnist.sh)
 ///   sagan-train --preset sagan64 --data ~/celeba  # any folder of .png/.jpg, sub-folders = classes
 ///   sagan-train --resume runs/sagan-mnist28       # continue an interrupted run (Ctrl-C saves one)
@@ -146,7 +146,7 @@ impl From<LossArg> for LossKind {
 }
 
 const DEFAULT_PRESET: &str = "sagan-mnist28";
-/// Enough for recognisable digits from the built-in subset in about ten minutes on two cores.
+/// Enough for recognisable digits from the built-in subset in under three minutes on two cores.
 const DEFAULT_STEPS: usize = 600;
 
 fn preset_value(value: &str) -> std::result::Result<String, String> {
