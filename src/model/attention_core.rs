@@ -526,11 +526,7 @@ impl CustomOp3 for AttentionCore {
 /// dq = k dE^T) that would copy the whole map per product. Computing the transposed product
 /// instead packs the small operand, and transposing the small result back is cheap.
 fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    for (r, row) in src.chunks_exact(cols).enumerate().take(rows) {
-        for (c, &v) in row.iter().enumerate() {
-            dst[c * rows + r] = v;
-        }
-    }
+    MatRef::row_major(src, rows, cols).t().copy_row_major(dst);
 }
 
 /// Backward of `AttentionCore`: `(x, w, dy)` to `[dx, dw, dparams]` flattened, per item with

@@ -32,11 +32,17 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    /// The matrix copied into a row-major buffer, in 16 x 16 tiles so that both the reads and
-    /// the writes of a tile stay within a few cache lines.
+    /// The matrix copied into a new row-major buffer.
     fn to_row_major(&self) -> Vec<f32> {
-        const TILE: usize = 16;
         let mut out = vec![0f32; self.rows * self.cols];
+        self.copy_row_major(&mut out);
+        out
+    }
+
+    /// Copies the matrix into `out` (`rows * cols` elements), row-major, in 16 x 16 tiles so
+    /// that both the reads and the writes of a tile stay within a few cache lines.
+    pub fn copy_row_major(&self, out: &mut [f32]) {
+        const TILE: usize = 16;
         for i0 in (0..self.rows).step_by(TILE) {
             let rows = i0..(i0 + TILE).min(self.rows);
             for j0 in (0..self.cols).step_by(TILE) {
@@ -47,7 +53,6 @@ impl<'a> MatRef<'a> {
                 }
             }
         }
-        out
     }
 
     /// Whether every element the view addresses lies inside `data`.
