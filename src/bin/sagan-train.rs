@@ -1,11 +1,6 @@
 //! sagan-train: trains a Self-Attention GAN and writes safetensors checkpoints.
 
 use anyhow::{bail, Context, Result};
-
-// Reuses freed training buffers without returning them to the OS (see cpu::keep_freed_memory).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::Parser;
 use sagan::checkpoint::{self, Kind, RunDir};
 use sagan::config::{preset_names, LossKind, ModelConfig, TrainConfig};
@@ -18,6 +13,10 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+// Reuses freed training buffers without returning them to the OS (see cpu::keep_freed_memory).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Train a Self-Attention GAN (SAGAN) on the CPU with candle.
 ///
