@@ -134,14 +134,14 @@ def model_flops(preset):
     Backward is twice the forward (input and weight gradients), less the input gradient of a
     first layer whose input needs none. A training step as sagan-train runs it by default: one
     D step, G forward on B latents and D forward and backward on 2B images (real and fake in one
-    batch); then the G step: G forward and backward on B, D forward and backward on B (D's weight
-    gradients are computed and discarded, as in PyTorch without freezing D).
+    batch); then the G step: G forward and backward on B, D forward and input gradients on B (D is
+    frozen: no weight gradients, in sagan and in the PyTorch peer alike).
     """
     g = layer_flops(preset["generator"]["layers"], (preset["z_dim"], 1, 1))
     d = layer_flops(preset["discriminator"]["layers"], (preset["channels"], preset["image_size"], preset["image_size"]))
     gf, df = sum(g), sum(d)
     d_step = gf + 2 * (3 * df - d[0])
-    g_step = (3 * gf - g[0]) + 3 * df
+    g_step = (3 * gf - g[0]) + 2 * df
     return gf, d_step + g_step
 
 

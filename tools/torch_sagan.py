@@ -305,7 +305,7 @@ def mnist_images(channels, size):
 class Trainer:
     """sagan-train's step: n_dis D steps (real and fake in one batch), one G step, the EMA."""
 
-    def __init__(self, step_dir, batch_size):
+    def __init__(self, step_dir, batch_size, freeze_d=True):
         self.g, meta = load(os.path.join(step_dir, "generator.safetensors"))
         self.d, _ = load(os.path.join(step_dir, "discriminator.safetensors"))
         cfg = json.loads(meta["train"])
@@ -320,6 +320,7 @@ class Trainer:
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg["lr_g"], betas=betas, eps=1e-8)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_d"], betas=betas, eps=1e-8)
         self.step = 0
+        self.freeze_d = freeze_d
 
     def real_batch(self):
         index = torch.randint(len(self.images), (self.batch_size,))
@@ -337,9 +338,13 @@ class Trainer:
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
+        # D frozen for the G step (BigGAN-PyTorch's toggle_grad, StudioGAN likewise): its weight
+        # gradients would be discarded, and sagan does not compute them either.
+        self.d.requires_grad_(not self.freeze_d)
         g_loss = -self.d(self.g(self.latents(), True), False).mean()
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
+        self.d.requires_grad_(True)
         self.opt_g.step()
         self.step += 1
         if self.ema is not None:
@@ -370,7 +375,7 @@ def cmd_generate(args):
 
 
 def cmd_train(args):
-    trainer = Trainer(args.checkpoint, args.batch_size)
+    trainer = Trainer(args.checkpoint, args.batch_size, freeze_d=not args.no_freeze_d)
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -411,6 +416,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--no-freeze-d", action="store_true",
+                   help="compute (and discard) D's weight gradients in the G step, as "
+                        "heykeetae/Self-Attention-GAN does")
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("infer", help="generator images/s, evaluation mode")
     p.add_argument("--generator", required=True)
