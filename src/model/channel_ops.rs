@@ -202,6 +202,15 @@ impl Epilogue {
             });
     }
 
+    /// `dz = grad * act'(y)`: the gradient before the activation, from the epilogue's output
+    /// `y` and its gradient.
+    pub(super) fn grad_before_act(self, y: &[f32], grad: &[f32], dz: &mut [f32]) {
+        let act = self.act;
+        for ((dz, &g), &y) in dz.iter_mut().zip(grad).zip(y) {
+            *dz = g * act.grad_at_output(y);
+        }
+    }
+
     /// From the epilogue's output `y` and its gradient: the gradient before the activation
     /// (the kernel's own output gradient) and, where `bias` is tracked, the bias gradient.
     pub(super) fn backward(
@@ -280,17 +289,13 @@ impl CustomOp2 for ActGrad {
         let grad = f32_slice(s1, l1, n)?;
         let y = f32_slice(s2, l2, n)?;
         let mut dz = vec![0.0f32; n];
-        let act = self.act;
+        let epilogue = Epilogue { act: self.act };
         dz.par_chunks_mut(MIN_TASK_ELEMS)
             .zip(
                 grad.par_chunks(MIN_TASK_ELEMS)
                     .zip(y.par_chunks(MIN_TASK_ELEMS)),
             )
-            .for_each(|(dz, (g, y))| {
-                for ((dz, &g), &y) in dz.iter_mut().zip(g).zip(y) {
-                    *dz = g * act.grad_at_output(y);
-                }
-            });
+            .for_each(|(dz, (g, y))| epilogue.grad_before_act(y, g, dz));
         Ok((CpuStorage::F32(dz), l1.shape().clone()))
     }
 }

@@ -14,6 +14,11 @@
 //! - conv_transpose2d grad_x       = image -> output  (`conv_forward`)
 //! - both weight gradients         = image x output   (`conv_backward_filter`)
 //!
+//! The backward passes of `conv2d_bias_act` and `conv_transpose2d` compute their gradients in
+//! one pass over the batch (`conv_epilogue_backward`, `conv_transpose_backward`), so that the
+//! per-chunk buffer both GEMMs read (the output gradient channel-major, im2col of the output
+//! gradient) is built once.
+//!
 //! The kernels work on chunks of several batch items at once: im2col lays a chunk side by side
 //! as `[C*k*k, n*Ho*Wo]`, so each pass is one GEMM with a long dimension even for the tiny
 //! spatial sizes of a GAN, while the chunk's im2col buffer stays small enough to be reused from
@@ -31,8 +36,9 @@ use crate::config::Activation;
 use rayon::prelude::*;
 
 use super::channel_ops::{self, Epilogue};
-use super::cpu_storage::f32_slice;
+use super::cpu_storage::{f32_slice, with_f32_data};
 use super::matmul::{matmul, matmul_on, MatRef};
+use super::vector_math::lane_sum;
 
 /// `y = conv2d(x, w)` without bias. `x` is `[B, Cin, H, W]`, `w` is `[Cout, Cin, k, k]` (square
 /// kernel); groups 1, dilation 1. Output spatial size is `(H + 2 * padding - k) / stride + 1`.
@@ -441,9 +447,26 @@ impl CustomOp3 for Conv2dEpilogueOp {
         y: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dz, dbias) = self.epilogue.backward(y, grad, bias)?;
-        let (dx, dw) = self.conv.bwd(x, w, y, &dz)?;
-        Ok((dx, dw, dbias))
+        let geom = ConvGeom::for_conv2d(x.dims(), w.dims(), self.conv.stride, self.conv.padding)?;
+        if geom.is_dense() {
+            let (dz, dbias) = self.epilogue.backward(y, grad, bias)?;
+            let (dx, dw) = self.conv.bwd(x, w, y, &dz)?;
+            return Ok((dx, dw, dbias));
+        }
+        let wanted = Wanted {
+            x: x.track_op(),
+            w: w.track_op(),
+            bias: bias.track_op(),
+        };
+        let grad = grad.contiguous()?;
+        let grads = with_f32_data([x, w, y, &grad], |data| {
+            conv_epilogue_backward(&geom, self.epilogue, data, wanted)
+        })??;
+        Ok((
+            tensor_like(grads.dx, x)?,
+            tensor_like(grads.dw, w)?,
+            tensor_like(grads.dbias, bias)?,
+        ))
     }
 }
 
@@ -486,26 +509,86 @@ impl CustomOp2 for ConvTranspose2dOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (_, _, k, _) = w.dims4()?;
-        let conv_op = Conv2dOp {
-            stride: self.stride,
-            padding: self.padding,
+        let geom = ConvGeom::for_conv_transpose2d(x.dims(), w.dims(), self)?;
+        let wanted = Wanted {
+            x: x.track_op(),
+            w: w.track_op(),
+            bias: false,
         };
-        let grad_x = x
-            .track_op()
-            .then(|| grad.apply_op2_no_bwd(w, &conv_op))
-            .transpose()?;
-        let filter_op = FilterGradOp {
-            stride: self.stride,
-            padding: self.padding,
-            k,
-        };
-        let grad_w = w
-            .track_op()
-            .then(|| grad.apply_op2_no_bwd(x, &filter_op))
-            .transpose()?;
-        Ok((grad_x, grad_w))
+        if geom.is_dense() {
+            let (_, _, k, _) = w.dims4()?;
+            let conv_op = Conv2dOp {
+                stride: self.stride,
+                padding: self.padding,
+            };
+            let grad_x = wanted
+                .x
+                .then(|| grad.apply_op2_no_bwd(w, &conv_op))
+                .transpose()?;
+            let filter_op = FilterGradOp {
+                stride: self.stride,
+                padding: self.padding,
+                k,
+            };
+            let grad_w = wanted
+                .w
+                .then(|| grad.apply_op2_no_bwd(x, &filter_op))
+                .transpose()?;
+            return Ok((grad_x, grad_w));
+        }
+        let grads = with_f32_data([x, w, &grad], |data| {
+            conv_transpose_backward(&geom, data, wanted)
+        })??;
+        Ok((tensor_like(grads.dx, x)?, tensor_like(grads.dw, w)?))
     }
+}
+
+/// `data` as a tensor shaped like `like`, where there is data.
+fn tensor_like(data: Option<Vec<f32>>, like: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    data.map(|data| Tensor::from_vec(data, like.shape(), like.device()))
+        .transpose()
+}
+
+/// Backward of a transposed convolution (`geom` seen as the plain convolution from its output
+/// to its input) in one pass over the batch: per chunk, one im2col of the output gradient feeds
+/// both the input gradient (`W x im2col(grad)`) and the weight gradient
+/// (`x x im2col(grad)^T`), which as separate ops would each build it.
+fn conv_transpose_backward(
+    geom: &ConvGeom,
+    [x, w, grad]: [&[f32]; 3],
+    wanted: Wanted,
+) -> candle_core::Result<ConvGrads> {
+    let w_mat = MatRef::row_major(w, geom.out_c, geom.col_rows());
+    let mut dx = vec![0f32; if wanted.x { geom.out_len() } else { 0 }];
+    let (img_item, out_item) = (geom.img_item(), geom.out_item());
+    let runs = for_each_run(geom, &mut dx, out_item, |run, first, dx, all_threads| {
+        let mut filter = wanted.w.then(|| FilterGrad::new(run));
+        let (mut cols, mut buf) = (Vec::new(), Vec::new());
+        for (chunk, offset) in run.chunks() {
+            let item = first + offset;
+            im2col(
+                &chunk,
+                &grad[item * img_item..][..chunk.img_len()],
+                &mut cols,
+            );
+            if wanted.x {
+                let dx = &mut dx[offset * out_item..][..chunk.out_len()];
+                forward_chunk(&chunk, w_mat, &cols, dx, &mut buf, all_threads)?;
+            }
+            if let Some(filter) = filter.as_mut() {
+                let x = channel_major(&chunk, &x[item * out_item..][..chunk.out_len()], &mut buf);
+                filter.add_cols(&chunk, &cols, x, all_threads)?;
+            }
+        }
+        Ok(filter)
+    })?;
+    Ok(ConvGrads {
+        dx: wanted.x.then_some(dx),
+        dw: wanted
+            .w
+            .then(|| FilterGrad::sum(geom, runs.into_iter().flatten().collect())),
+        dbias: None,
+    })
 }
 
 /// Weight gradient of a convolution: `(image [B, C, H, W], output grad [B, O, Ho, Wo])` to
@@ -635,27 +718,34 @@ fn conv_forward(
         out_item,
         img,
         img_item,
-        |chunk, dst, img, (cols, channel_major), all_threads| {
+        |chunk, dst, img, (cols, buf), all_threads| {
             im2col(chunk, img, cols);
-            let cols_mat = MatRef::row_major(cols, chunk.col_rows(), chunk.col_cols());
-            if chunk.batch == 1 {
-                matmul_on(dst, w_mat, cols_mat, false, all_threads)?;
-            } else {
-                channel_major.resize(chunk.out_len(), 0.0);
-                matmul_on(channel_major, w_mat, cols_mat, false, all_threads)?;
-                swap_outer_dims(
-                    channel_major,
-                    dst,
-                    chunk.out_c,
-                    chunk.batch,
-                    chunk.out_plane(),
-                );
-            }
+            forward_chunk(chunk, w_mat, cols, dst, buf, all_threads)?;
             finish(dst);
             Ok(())
         },
     )?;
     Ok(out)
+}
+
+/// `out [B, O, Ho*Wo]` of one chunk from its im2col matrix: `W [O, C*k*k] x cols`, which is
+/// channel-major (`[O, B*Ho*Wo]`) and rearranged through `buf` unless the chunk is one item.
+fn forward_chunk(
+    chunk: &ConvGeom,
+    w_mat: MatRef,
+    cols: &[f32],
+    out: &mut [f32],
+    buf: &mut Vec<f32>,
+    all_threads: bool,
+) -> candle_core::Result<()> {
+    let cols = MatRef::row_major(cols, chunk.col_rows(), chunk.col_cols());
+    if chunk.batch == 1 {
+        return matmul_on(out, w_mat, cols, false, all_threads);
+    }
+    buf.resize(chunk.out_len(), 0.0);
+    matmul_on(buf, w_mat, cols, false, all_threads)?;
+    swap_outer_dims(buf, out, chunk.out_c, chunk.batch, chunk.out_plane());
+    Ok(())
 }
 
 /// Adjoint of `conv_forward`, output -> image: per batch chunk, `cols = W^T [C*k*k, O] x grad`,
@@ -700,89 +790,268 @@ fn conv_backward_filter(
     img: &[f32],
     grad: &[f32],
 ) -> candle_core::Result<Vec<f32>> {
-    let mut dw = vec![0f32; geom.kernel_len()];
     if geom.is_dense() {
         // dW [O, C*k*k] = grad^T [O, B] x img [B, C*k*k].
+        let mut dw = vec![0f32; geom.kernel_len()];
         let grad_t = MatRef::row_major(grad, geom.batch, geom.out_c).t();
         let img = MatRef::row_major(img, geom.batch, geom.col_rows());
         matmul(&mut dw, grad_t, img, false)?;
         return Ok(dw);
     }
-    let items = chunk_items(geom);
-    if !chunks_per_thread(geom, items) {
-        accumulate_filter_grad(geom, img, grad, items, &mut dw, true)?;
-        return Ok(dw);
-    }
-    // One run of consecutive chunks per thread, each summing into its own buffer with
-    // single-threaded GEMMs (see `for_each_chunk`); the runs' sums are added in order.
-    let chunks = geom.batch.div_ceil(items);
-    let run_items = chunks.div_ceil(rayon::current_num_threads()) * items;
     let (img_item, out_item) = (geom.img_item(), geom.out_item());
-    let partials = img
-        .par_chunks(run_items * img_item)
-        .zip(grad.par_chunks(run_items * out_item))
-        .map(|(img, grad)| {
-            let run = ConvGeom {
-                batch: img.len() / img_item,
-                ..*geom
-            };
-            let mut partial = vec![0f32; dw.len()];
-            accumulate_filter_grad(&run, img, grad, items, &mut partial, false)?;
-            Ok(partial)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    for partial in partials {
-        dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
-    }
-    Ok(dw)
+    let partials = for_each_run(geom, &mut [], 0, |run, first, _, all_threads| {
+        let items = first..first + run.batch;
+        let img = &img[items.start * img_item..items.end * img_item];
+        let grad = &grad[items.start * out_item..items.end * out_item];
+        let mut filter = FilterGrad::new(run);
+        let mut grad_buf = Vec::new();
+        for (chunk, offset) in run.chunks() {
+            let img = &img[offset * img_item..][..chunk.img_len()];
+            let grad = channel_major(
+                &chunk,
+                &grad[offset * out_item..][..chunk.out_len()],
+                &mut grad_buf,
+            );
+            filter.add_chunk(&chunk, img, grad, all_threads)?;
+        }
+        Ok(filter)
+    })?;
+    Ok(FilterGrad::sum(geom, partials))
 }
 
-/// `dw = sum over chunks of `items` batch items of grad [O, n] x im2col(img)^T [n, C*k*k]`
-/// (`dw` is overwritten).
-fn accumulate_filter_grad(
+/// Runs `f(run geometry, first batch item, run's part of dst, all_threads)` on consecutive runs
+/// of chunks and returns the results in batch order: one run per thread, with single-threaded
+/// GEMMs, when chunks run one per thread (see `for_each_chunk`), else the whole batch as one run
+/// on all threads. `dst` holds `dst_item` elements per batch item (it may be empty).
+fn for_each_run<R: Send>(
     geom: &ConvGeom,
-    img: &[f32],
-    grad: &[f32],
-    items: usize,
-    dw: &mut [f32],
-    all_threads: bool,
-) -> candle_core::Result<()> {
-    let (img_item, out_item) = (geom.img_item(), geom.out_item());
-    // gemm copies (packs) the operand that is not in its preferred layout: here im2col's
-    // matrix, C*k*k x n elements. Computed transposed, dW^T = im2col(img) x grad^T, it packs
-    // the output gradient, O x n, instead: take the order that packs the smaller one.
-    let transposed = geom.col_rows() > geom.out_c;
-    let mut dw_t = vec![0f32; if transposed { dw.len() } else { 0 }];
-    let (mut cols, mut grad_buf) = (Vec::new(), Vec::new());
-    for first in (0..geom.batch).step_by(items) {
-        let chunk = ConvGeom {
-            batch: items.min(geom.batch - first),
-            ..*geom
-        };
-        im2col(
-            &chunk,
-            &img[first * img_item..][..chunk.img_len()],
-            &mut cols,
-        );
-        let grad = channel_major(
-            &chunk,
-            &grad[first * out_item..][..chunk.out_len()],
-            &mut grad_buf,
-        );
-        let (rows, n) = (chunk.col_rows(), chunk.col_cols());
-        let cols = MatRef::row_major(&cols, rows, n);
-        let grad = MatRef::row_major(grad, chunk.out_c, n);
-        match transposed {
-            true => matmul_on(&mut dw_t, cols, grad.t(), first > 0, all_threads)?,
-            false => matmul_on(dw, grad, cols.t(), first > 0, all_threads)?,
+    dst: &mut [f32],
+    dst_item: usize,
+    f: impl Fn(&ConvGeom, usize, &mut [f32], bool) -> candle_core::Result<R> + Sync,
+) -> candle_core::Result<Vec<R>> {
+    let items = chunk_items(geom);
+    if !chunks_per_thread(geom, items) {
+        return Ok(vec![f(geom, 0, dst, true)?]);
+    }
+    let chunks = geom.batch.div_ceil(items);
+    let run_items = chunks.div_ceil(rayon::current_num_threads()) * items;
+    let firsts = (0..geom.batch).step_by(run_items);
+    let dsts: Vec<&mut [f32]> = match dst.is_empty() {
+        true => firsts.clone().map(|_| Default::default()).collect(),
+        false => dst.chunks_mut(run_items * dst_item).collect(),
+    };
+    firsts
+        .zip(dsts)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|(first, dst)| {
+            let run = ConvGeom {
+                batch: run_items.min(geom.batch - first),
+                ..*geom
+            };
+            f(&run, first, dst, false)
+        })
+        .collect()
+}
+
+impl ConvGeom {
+    /// This geometry's batch split into chunks of `chunk_items` items (of the whole layer's
+    /// geometry, so that runs chunk alike): each chunk's geometry and first item.
+    fn chunks(&self) -> impl Iterator<Item = (ConvGeom, usize)> + '_ {
+        let items = chunk_items(self).max(1);
+        (0..self.batch).step_by(items).map(move |first| {
+            let chunk = ConvGeom {
+                batch: items.min(self.batch - first),
+                ..*self
+            };
+            (chunk, first)
+        })
+    }
+}
+
+/// A weight gradient summed chunk by chunk: `dW [O, C*k*k] += grad [O, n] x im2col(img)^T`.
+struct FilterGrad {
+    /// The sum, stored transposed (`dW^T [C*k*k, O]`) when `transposed`.
+    sum: Vec<f32>,
+    /// gemm copies (packs) the operand that is not in its preferred layout: here im2col's
+    /// matrix, C*k*k x n elements. Computed transposed, dW^T = im2col(img) x grad^T, it packs
+    /// the output gradient, O x n, instead: take the order that packs the smaller one.
+    transposed: bool,
+    cols: Vec<f32>,
+    empty: bool,
+}
+
+impl FilterGrad {
+    fn new(geom: &ConvGeom) -> Self {
+        Self {
+            sum: vec![0f32; geom.kernel_len()],
+            transposed: geom.col_rows() > geom.out_c,
+            cols: Vec::new(),
+            empty: true,
         }
     }
-    if transposed {
-        MatRef::row_major(&dw_t, geom.col_rows(), geom.out_c)
-            .t()
-            .copy_row_major(dw);
+
+    /// Adds one chunk's product; `grad` is the chunk's output gradient channel-major, [O, n].
+    fn add_chunk(
+        &mut self,
+        chunk: &ConvGeom,
+        img: &[f32],
+        grad: &[f32],
+        all_threads: bool,
+    ) -> candle_core::Result<()> {
+        let mut cols = std::mem::take(&mut self.cols);
+        im2col(chunk, img, &mut cols);
+        let added = self.add_cols(chunk, &cols, grad, all_threads);
+        self.cols = cols;
+        added
     }
-    Ok(())
+
+    /// `add_chunk` with the chunk's im2col matrix `cols` already built.
+    fn add_cols(
+        &mut self,
+        chunk: &ConvGeom,
+        cols: &[f32],
+        grad: &[f32],
+        all_threads: bool,
+    ) -> candle_core::Result<()> {
+        let (rows, n) = (chunk.col_rows(), chunk.col_cols());
+        let cols = MatRef::row_major(cols, rows, n);
+        let grad = MatRef::row_major(grad, chunk.out_c, n);
+        let accumulate = !std::mem::replace(&mut self.empty, false);
+        match self.transposed {
+            true => matmul_on(&mut self.sum, cols, grad.t(), accumulate, all_threads),
+            false => matmul_on(&mut self.sum, grad, cols.t(), accumulate, all_threads),
+        }
+    }
+
+    /// The runs' sums added in batch order (deterministic for a thread count), as `[O, C*k*k]`.
+    fn sum(geom: &ConvGeom, runs: Vec<FilterGrad>) -> Vec<f32> {
+        let mut runs = runs.into_iter();
+        let Some(first) = runs.next() else {
+            return vec![0f32; geom.kernel_len()];
+        };
+        let transposed = first.transposed;
+        let mut sum = first.sum;
+        for run in runs {
+            sum.iter_mut().zip(run.sum).for_each(|(s, r)| *s += r);
+        }
+        if !transposed {
+            return sum;
+        }
+        let mut dw = vec![0f32; sum.len()];
+        MatRef::row_major(&sum, geom.col_rows(), geom.out_c)
+            .t()
+            .copy_row_major(&mut dw);
+        dw
+    }
+}
+
+/// Which of a convolution's gradients a backward computes: only what the graph tracks (a
+/// network's input and a frozen weight need none, and each skipped one is a whole GEMM).
+#[derive(Clone, Copy, Debug)]
+struct Wanted {
+    x: bool,
+    w: bool,
+    bias: bool,
+}
+
+/// A convolution backward's gradients, each `None` unless wanted.
+struct ConvGrads {
+    dx: Option<Vec<f32>>,
+    dw: Option<Vec<f32>>,
+    dbias: Option<Vec<f32>>,
+}
+
+/// Backward of conv2d + bias + activation in one pass over the batch: per chunk, the output
+/// gradient goes through the activation's derivative and into channel-major layout in one copy,
+/// and that buffer feeds the bias sum, the input gradient (`W^T x dz`, col2im) and the weight
+/// gradient (`dz x im2col(x)^T`). As separate ops, the activation's gradient, the bias sum and
+/// the two convolution gradients would each pass over a full-size tensor of their own.
+fn conv_epilogue_backward(
+    geom: &ConvGeom,
+    epilogue: Epilogue,
+    [x, w, y, grad]: [&[f32]; 4],
+    wanted: Wanted,
+) -> candle_core::Result<ConvGrads> {
+    let w_t = wanted.x.then(|| {
+        let mut w_t = vec![0f32; w.len()];
+        MatRef::row_major(w, geom.out_c, geom.col_rows())
+            .t()
+            .copy_row_major(&mut w_t);
+        w_t
+    });
+    let w_t = w_t
+        .as_deref()
+        .map(|w_t| MatRef::row_major(w_t, geom.col_rows(), geom.out_c));
+    let mut dx = vec![0f32; if wanted.x { geom.img_len() } else { 0 }];
+    let (img_item, out_item) = (geom.img_item(), geom.out_item());
+    let runs = for_each_run(geom, &mut dx, img_item, |run, first, dx, all_threads| {
+        let mut filter = wanted.w.then(|| FilterGrad::new(run));
+        let mut dbias = vec![0f32; geom.out_c];
+        let (mut dz, mut cols) = (Vec::new(), Vec::new());
+        for (chunk, offset) in run.chunks() {
+            let start = (first + offset) * out_item;
+            let outputs = start..start + chunk.out_len();
+            grad_before_act_channel_major(
+                &chunk,
+                epilogue,
+                &y[outputs.clone()],
+                &grad[outputs],
+                &mut dz,
+                &mut dbias,
+            );
+            if let Some(w_t) = w_t {
+                cols.resize(chunk.col_rows() * chunk.col_cols(), 0.0);
+                let dz = MatRef::row_major(&dz, chunk.out_c, chunk.col_cols());
+                matmul_on(&mut cols, w_t, dz, false, all_threads)?;
+                col2im(
+                    &chunk,
+                    &cols,
+                    &mut dx[offset * img_item..][..chunk.img_len()],
+                );
+            }
+            if let Some(filter) = filter.as_mut() {
+                let img = &x[(first + offset) * img_item..][..chunk.img_len()];
+                filter.add_chunk(&chunk, img, &dz, all_threads)?;
+            }
+        }
+        Ok((filter, dbias))
+    })?;
+    let mut dbias = vec![0f32; geom.out_c];
+    let mut filters = Vec::with_capacity(runs.len());
+    for (filter, run_dbias) in runs {
+        dbias.iter_mut().zip(run_dbias).for_each(|(d, r)| *d += r);
+        filters.extend(filter);
+    }
+    Ok(ConvGrads {
+        dx: wanted.x.then_some(dx),
+        dw: wanted.w.then(|| FilterGrad::sum(geom, filters)),
+        dbias: wanted.bias.then_some(dbias),
+    })
+}
+
+/// `dz [O, B*Ho*Wo] = grad * act'(y)` for a chunk's `y` and `grad` `[B, O, Ho*Wo]`, each
+/// channel's sum added to `dbias [O]`.
+fn grad_before_act_channel_major(
+    chunk: &ConvGeom,
+    epilogue: Epilogue,
+    y: &[f32],
+    grad: &[f32],
+    dz: &mut Vec<f32>,
+    dbias: &mut [f32],
+) {
+    let plane = chunk.out_plane();
+    dz.resize(chunk.out_len(), 0.0);
+    dz.par_chunks_mut(chunk.batch * plane)
+        .zip(dbias.par_iter_mut())
+        .enumerate()
+        .for_each(|(o, (row, dbias))| {
+            for (b, dst) in row.chunks_exact_mut(plane).enumerate() {
+                let src = (b * chunk.out_c + o) * plane;
+                epilogue.grad_before_act(&y[src..][..plane], &grad[src..][..plane], dst);
+            }
+            *dbias += lane_sum(row, |_, v| v);
+        });
 }
 
 /// Output-side data `[B, O, Ho*Wo]` as `[O, B*Ho*Wo]`, the GEMM operand layout; rearranged into
@@ -1151,6 +1420,105 @@ mod tests {
             let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let vars = [(&x, "x"), (&w, "w"), (&b, "bias")];
             assert_grads_close(&grads(&fused), &grads(&separate), &vars, 1e-5, &what);
+        }
+    }
+
+    /// `f` on a rayon pool of `threads` threads: the kernels split batches into runs and chunks
+    /// by the thread count.
+    fn on_threads(threads: usize, f: impl FnOnce() + Send) {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(f);
+    }
+
+    #[test]
+    fn fused_backward_computes_only_tracked_gradients_on_any_thread_count() {
+        use crate::model::testing::assert_grads_close;
+        // x or w left untracked (a network's input, a frozen weight): the other gradients are
+        // the all-tracked reference's, and the untracked operand gets none.
+        let tracked = |t: &Tensor, track: bool| match track {
+            true => Var::from_tensor(t).unwrap(),
+            false => Var::from_tensor(&t.detach()).unwrap(),
+        };
+        for threads in [1, 2, 3] {
+            on_threads(threads, || {
+                for (i, c) in CONV_CASES.iter().enumerate() {
+                    for (track_x, track_w) in [(true, false), (false, true)] {
+                        let what = format!("{c:?} threads {threads} x {track_x} w {track_w}");
+                        let (x, w) = conv_inputs(c, i as u64 + 300);
+                        let (xv, wv) = (tracked(&x, true), tracked(&w, true));
+                        let bv = Var::from_tensor(&randn(&[c.cout], i as u64 + 301)).unwrap();
+                        let x_in = if track_x {
+                            xv.as_tensor().clone()
+                        } else {
+                            x.clone()
+                        };
+                        let w_in = if track_w {
+                            wv.as_tensor().clone()
+                        } else {
+                            w.clone()
+                        };
+                        let slope = 0.1;
+                        let fused = conv2d_bias_act(
+                            &x_in,
+                            &w_in,
+                            &bv,
+                            c.s,
+                            c.p,
+                            Activation::LeakyRelu,
+                            slope,
+                        )
+                        .unwrap();
+                        let y = conv2d(&xv, &wv, c.s, c.p).unwrap();
+                        let reference =
+                            channel_ops::bias_act(&y, Some(&bv), Activation::LeakyRelu, slope)
+                                .unwrap();
+                        let r = randn(fused.dims(), 97);
+                        let grads =
+                            |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                        let (got, want) = (grads(&fused), grads(&reference));
+                        let mut vars = vec![(&bv, "bias")];
+                        for (var, name, track) in [(&xv, "x", track_x), (&wv, "w", track_w)] {
+                            match track {
+                                true => vars.push((var, name)),
+                                false => assert!(got.get(var).is_none(), "{what}: d{name}"),
+                            }
+                        }
+                        assert_grads_close(&got, &want, &vars, 1e-5, &what);
+                    }
+                }
+                for (i, c) in CONV_T_CASES.iter().enumerate() {
+                    for (track_x, track_w) in [(true, false), (false, true), (true, true)] {
+                        let what = format!("{c:?} threads {threads} x {track_x} w {track_w}");
+                        let (x, w) = conv_t_inputs(c, i as u64 + 400);
+                        let (xv, wv) = (tracked(&x, track_x), tracked(&w, track_w));
+                        let x_in = if track_x {
+                            xv.as_tensor().clone()
+                        } else {
+                            x.clone()
+                        };
+                        let w_in = if track_w {
+                            wv.as_tensor().clone()
+                        } else {
+                            w.clone()
+                        };
+                        let got = ours_conv_t(&x_in, &w_in, c);
+                        let r = randn(got.dims(), 99); // as `grads` weights its reference
+                        let g = (got * r).unwrap().sum_all().unwrap().backward().unwrap();
+                        let (want_x, want_w) = grads(candle_conv_t, &x, &w, c);
+                        for (var, want, track, name) in
+                            [(&xv, want_x, track_x, "x"), (&wv, want_w, track_w, "w")]
+                        {
+                            match track {
+                                true => assert_close(g.get(var).unwrap(), &want, &what),
+                                false => assert!(g.get(var).is_none(), "{what}: d{name}"),
+                            }
+                        }
+                    }
+                }
+            });
         }
     }
 

@@ -33,7 +33,7 @@ impl<'a> MatRef<'a> {
     }
 
     /// The matrix copied into a new row-major buffer.
-    fn to_row_major(&self) -> Vec<f32> {
+    fn to_row_major(self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         self.copy_row_major(&mut out);
         out

@@ -7,12 +7,10 @@
 //! a weight-sized tensor): 9 % of a sagan-mnist28 training step. Here the power iteration takes
 //! two passes, sigma one, the division one, and the backward two.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_storage::f32_slice;
+use super::cpu_storage::{f32_slice, with_f32_data};
 use super::vector_math::lane_sum;
 
 /// Weight elements per rayon task.
@@ -42,7 +40,7 @@ pub fn power_iteration(
             view.rows
         );
     }
-    let (u, v) = with_data(weight, |w| {
+    let (u, v) = with_f32_data([weight], |[w]| {
         let mut v = vec![0f32; view.cols()];
         for (r, c, run) in view.runs(w) {
             for (v, &x) in v[c..c + run.len()].iter_mut().zip(run) {
@@ -80,17 +78,8 @@ pub fn normalized(
         );
     }
     let weight = weight.contiguous()?;
-    let sigma = with_data(&weight, |w| view.bilinear(w, &u, &v))?;
+    let sigma = with_f32_data([&weight], |[w]| view.bilinear(w, &u, &v))?;
     weight.apply_op1(DivideBySigma { view, sigma, u, v })
-}
-
-/// `f` on the data of a contiguous f32 CPU tensor, read in place.
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("spectral norm kernels: the weight is not on the CPU");
-    };
-    Ok(f(f32_slice(cpu, layout, layout.shape().elem_count())?))
 }
 
 /// `x / (|x| + EPS)`.
