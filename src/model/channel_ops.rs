@@ -18,6 +18,7 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::cpu_storage::f32_slice;
+use super::simd::vectorized;
 use super::vector_math::lane_sum;
 use crate::config::Activation;
 
@@ -170,9 +171,14 @@ fn affine_act(
         .with_min_len(planes_per_task(inner))
         .for_each(|(plane, (y, x))| {
             let (scale, shift) = coefficients(plane % c);
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = act.apply(x * scale + shift);
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = act.apply(x * scale + shift);
+                    }
+                },
+            )
         });
     y
 }
@@ -198,12 +204,16 @@ impl Epilogue {
             .with_min_len(planes_per_task(inner))
             .for_each(|(plane, y)| {
                 let shift = bias[plane % c];
-                y.iter_mut().for_each(|v| *v = self.act.apply(*v + shift));
+                vectorized(
+                    #[inline(always)]
+                    || y.iter_mut().for_each(|v| *v = self.act.apply(*v + shift)),
+                )
             });
     }
 
     /// `dz = grad * act'(y)`: the gradient before the activation, from the epilogue's output
     /// `y` and its gradient.
+    #[inline(always)]
     pub(super) fn grad_before_act(self, y: &[f32], grad: &[f32], dz: &mut [f32]) {
         let act = self.act;
         for ((dz, &g), &y) in dz.iter_mut().zip(grad).zip(y) {
@@ -295,7 +305,12 @@ impl CustomOp2 for ActGrad {
                 grad.par_chunks(MIN_TASK_ELEMS)
                     .zip(y.par_chunks(MIN_TASK_ELEMS)),
             )
-            .for_each(|(dz, (g, y))| epilogue.grad_before_act(y, g, dz));
+            .for_each(|(dz, (g, y))| {
+                vectorized(
+                    #[inline(always)]
+                    || epilogue.grad_before_act(y, g, dz),
+                )
+            });
         Ok((CpuStorage::F32(dz), l1.shape().clone()))
     }
 }
@@ -316,12 +331,17 @@ impl CustomOp1 for ChannelSum {
         let sums: Vec<f32> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                (0..batch)
-                    .map(|b| {
-                        let start = (b * c + ch) * inner;
-                        lane_sum(&x[start..start + inner], |_, v| v)
-                    })
-                    .sum()
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        (0..batch)
+                            .map(|b| {
+                                let start = (b * c + ch) * inner;
+                                lane_sum(&x[start..start + inner], |_, v| v)
+                            })
+                            .sum()
+                    },
+                )
             })
             .collect();
         Ok((CpuStorage::F32(sums), Shape::from(c)))
@@ -454,14 +474,19 @@ impl CustomOp3 for BatchNormAct {
         let (mean, var): (Vec<f32>, Vec<f32>) = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let sum: f32 = channel_slices(x, c, inner, ch)
-                    .map(|p| lane_sum(p, |_, v| v))
-                    .sum();
-                let mean = sum / count;
-                let sq: f32 = channel_slices(x, c, inner, ch)
-                    .map(|p| lane_sum(p, |_, v| (v - mean) * (v - mean)))
-                    .sum();
-                (mean, sq / count)
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let sum: f32 = channel_slices(x, c, inner, ch)
+                            .map(|p| lane_sum(p, |_, v| v))
+                            .sum();
+                        let mean = sum / count;
+                        let sq: f32 = channel_slices(x, c, inner, ch)
+                            .map(|p| lane_sum(p, |_, v| (v - mean) * (v - mean)))
+                            .sum();
+                        (mean, sq / count)
+                    },
+                )
             })
             .unzip();
         let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
@@ -543,11 +568,17 @@ impl CustomOp3 for BatchNormActGrad {
                 let items = channel_slices(x, c, inner, ch)
                     .zip(channel_slices(y, c, inner, ch))
                     .zip(channel_slices(grad, c, inner, ch));
-                for ((x, y), g) in items {
-                    dbeta += lane_sum(g, |i, g| g * act.grad_at_output(y[i]));
-                    dgamma += lane_sum(g, |i, g| g * act.grad_at_output(y[i]) * (x[i] - m) * s);
-                }
-                (dbeta, dgamma)
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((x, y), g) in items {
+                            dbeta += lane_sum(g, |i, g| g * act.grad_at_output(y[i]));
+                            dgamma +=
+                                lane_sum(g, |i, g| g * act.grad_at_output(y[i]) * (x[i] - m) * s);
+                        }
+                        (dbeta, dgamma)
+                    },
+                )
             })
             .unzip();
         let mut out = vec![0.0f32; n + 2 * c];
@@ -567,11 +598,16 @@ impl CustomOp3 for BatchNormActGrad {
                 let scale = gamma[ch] * s;
                 let mean_dz = dbeta[ch] / count;
                 let mean_dz_xhat = dgamma[ch] / count;
-                for i in 0..inner {
-                    let dz = g[i] * act.grad_at_output(y[i]);
-                    let xhat = (x[i] - m) * s;
-                    dx[i] = scale * (dz - mean_dz - xhat * mean_dz_xhat);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for i in 0..inner {
+                            let dz = g[i] * act.grad_at_output(y[i]);
+                            let xhat = (x[i] - m) * s;
+                            dx[i] = scale * (dz - mean_dz - xhat * mean_dz_xhat);
+                        }
+                    },
+                )
             });
         sums[..c].copy_from_slice(&dgamma);
         sums[c..].copy_from_slice(&dbeta);

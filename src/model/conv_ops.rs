@@ -38,6 +38,7 @@ use rayon::prelude::*;
 use super::channel_ops::{self, Epilogue};
 use super::cpu_storage::{f32_slice, with_f32_data};
 use super::matmul::{matmul, matmul_on, MatRef};
+use super::simd::vectorized;
 use super::vector_math::lane_sum;
 
 /// `y = conv2d(x, w)` without bias. `x` is `[B, Cin, H, W]`, `w` is `[Cout, Cin, k, k]` (square
@@ -1046,11 +1047,16 @@ fn grad_before_act_channel_major(
         .zip(dbias.par_iter_mut())
         .enumerate()
         .for_each(|(o, (row, dbias))| {
-            for (b, dst) in row.chunks_exact_mut(plane).enumerate() {
-                let src = (b * chunk.out_c + o) * plane;
-                epilogue.grad_before_act(&y[src..][..plane], &grad[src..][..plane], dst);
-            }
-            *dbias += lane_sum(row, |_, v| v);
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (b, dst) in row.chunks_exact_mut(plane).enumerate() {
+                        let src = (b * chunk.out_c + o) * plane;
+                        epilogue.grad_before_act(&y[src..][..plane], &grad[src..][..plane], dst);
+                    }
+                    *dbias += lane_sum(row, |_, v| v);
+                },
+            )
         });
 }
 
@@ -1139,32 +1145,37 @@ fn im2col(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
     cols.par_chunks_mut(row_len)
         .enumerate()
         .for_each(|(row, dst)| {
-            let (c, ki, kj) = (row / (k * k), row / k % k, row % k);
-            let (oh_range, ow_range) = (oh_ranges[ki].clone(), ow_ranges[kj].clone());
-            if ow_range.len() < out_w || oh_range.len() < out_h {
-                dst.fill(0.0);
-            }
-            if ow_range.is_empty() {
-                return;
-            }
-            let iw0 = ow_range.start * stride + kj - padding;
-            for (b, dst_b) in dst.chunks_exact_mut(out_h * out_w).enumerate() {
-                let src = &img[(b * geom.img_c + c) * plane..][..plane];
-                for oh in oh_range.clone() {
-                    let ih = oh * stride + ki - padding;
-                    let src_row = &src[ih * img_w..][..img_w];
-                    let dst_row = &mut dst_b[oh * out_w..][..out_w];
-                    if stride == 1 {
-                        dst_row[ow_range.clone()]
-                            .copy_from_slice(&src_row[iw0..iw0 + ow_range.len()]);
-                    } else {
-                        let src_iter = src_row[iw0..].iter().step_by(stride);
-                        for (d, s) in dst_row[ow_range.clone()].iter_mut().zip(src_iter) {
-                            *d = *s;
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (c, ki, kj) = (row / (k * k), row / k % k, row % k);
+                    let (oh_range, ow_range) = (oh_ranges[ki].clone(), ow_ranges[kj].clone());
+                    if ow_range.len() < out_w || oh_range.len() < out_h {
+                        dst.fill(0.0);
+                    }
+                    if ow_range.is_empty() {
+                        return;
+                    }
+                    let iw0 = ow_range.start * stride + kj - padding;
+                    for (b, dst_b) in dst.chunks_exact_mut(out_h * out_w).enumerate() {
+                        let src = &img[(b * geom.img_c + c) * plane..][..plane];
+                        for oh in oh_range.clone() {
+                            let ih = oh * stride + ki - padding;
+                            let src_row = &src[ih * img_w..][..img_w];
+                            let dst_row = &mut dst_b[oh * out_w..][..out_w];
+                            if stride == 1 {
+                                dst_row[ow_range.clone()]
+                                    .copy_from_slice(&src_row[iw0..iw0 + ow_range.len()]);
+                            } else {
+                                let src_iter = src_row[iw0..].iter().step_by(stride);
+                                for (d, s) in dst_row[ow_range.clone()].iter_mut().zip(src_iter) {
+                                    *d = *s;
+                                }
+                            }
                         }
                     }
-                }
-            }
+                },
+            )
         });
 }
 
@@ -1189,33 +1200,38 @@ fn col2im(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
     }
     let (oh_ranges, ow_ranges) = geom.valid_ranges();
     img.par_chunks_mut(plane).enumerate().for_each(|(bc, dst)| {
-        let (b, c) = (bc / img_c, bc % img_c);
-        for (ki, oh_range) in oh_ranges.iter().enumerate() {
-            for (kj, ow_range) in ow_ranges.iter().enumerate() {
-                if ow_range.is_empty() {
-                    continue;
-                }
-                let row = (c * k + ki) * k + kj;
-                let src = &cols[row * row_len + b * out_plane..][..out_plane];
-                let iw0 = ow_range.start * stride + kj - padding;
-                for oh in oh_range.clone() {
-                    let ih = oh * stride + ki - padding;
-                    let src_row = &src[oh * out_w..][..out_w];
-                    let dst_row = &mut dst[ih * img_w..][..img_w];
-                    if stride == 1 {
-                        let dst_seg = &mut dst_row[iw0..iw0 + ow_range.len()];
-                        for (d, s) in dst_seg.iter_mut().zip(&src_row[ow_range.clone()]) {
-                            *d += *s;
+        vectorized(
+            #[inline(always)]
+            || {
+                let (b, c) = (bc / img_c, bc % img_c);
+                for (ki, oh_range) in oh_ranges.iter().enumerate() {
+                    for (kj, ow_range) in ow_ranges.iter().enumerate() {
+                        if ow_range.is_empty() {
+                            continue;
                         }
-                    } else {
-                        let dst_iter = dst_row[iw0..].iter_mut().step_by(stride);
-                        for (d, s) in dst_iter.zip(&src_row[ow_range.clone()]) {
-                            *d += *s;
+                        let row = (c * k + ki) * k + kj;
+                        let src = &cols[row * row_len + b * out_plane..][..out_plane];
+                        let iw0 = ow_range.start * stride + kj - padding;
+                        for oh in oh_range.clone() {
+                            let ih = oh * stride + ki - padding;
+                            let src_row = &src[oh * out_w..][..out_w];
+                            let dst_row = &mut dst[ih * img_w..][..img_w];
+                            if stride == 1 {
+                                let dst_seg = &mut dst_row[iw0..iw0 + ow_range.len()];
+                                for (d, s) in dst_seg.iter_mut().zip(&src_row[ow_range.clone()]) {
+                                    *d += *s;
+                                }
+                            } else {
+                                let dst_iter = dst_row[iw0..].iter_mut().step_by(stride);
+                                for (d, s) in dst_iter.zip(&src_row[ow_range.clone()]) {
+                                    *d += *s;
+                                }
+                            }
                         }
                     }
                 }
-            }
-        }
+            },
+        )
     });
 }
 

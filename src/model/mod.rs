@@ -11,6 +11,7 @@ pub mod discriminator;
 pub mod generator;
 mod matmul;
 pub mod resnet;
+mod simd;
 pub mod softmax;
 pub mod spectral_norm;
 mod spectral_norm_ops;

@@ -1,6 +1,6 @@
 //! Loops written so that the compiler vectorises them: independent lanes for reductions and
-//! an exp without a libm call. `softmax_in_place` (in `softmax`) runs them compiled for
-//! AVX2 + FMA when the CPU has them (detected at run time), for SSE2 otherwise.
+//! an exp without a libm call. The kernels run them through `simd::vectorized`, compiled for
+//! AVX-512 or AVX2 + FMA when the CPU has them (detected at run time), for SSE2 otherwise.
 
 /// Accumulator lanes of the reductions.
 const LANES: usize = 16;
@@ -20,6 +20,26 @@ pub(super) fn lane_sum(xs: &[f32], mut term: impl FnMut(usize, f32) -> f32) -> f
     let mut total: f32 = acc.iter().sum();
     for (i, &x) in xs.iter().enumerate().skip(rest) {
         total += term(i, x);
+    }
+    total
+}
+
+/// `<a, b>` over their common length, in independent lanes like `lane_sum`.
+#[inline(always)]
+pub(super) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let rest = n - a_chunks.remainder().len();
+    for (a, b) in a_chunks.zip(b_chunks) {
+        for ((acc, &a), &b) in acc.iter_mut().zip(a).zip(b) {
+            *acc += a * b;
+        }
+    }
+    let mut total: f32 = acc.iter().sum();
+    for (&a, &b) in a[rest..].iter().zip(&b[rest..]) {
+        total += a * b;
     }
     total
 }
