@@ -38,6 +38,7 @@ use rayon::prelude::*;
 use super::channel_ops::{self, Epilogue};
 use super::cpu_storage::{f32_slice, with_f32_data};
 use super::matmul::{matmul, matmul_on, MatRef};
+use super::scratch::ScratchBuf;
 use super::simd::vectorized;
 use super::vector_math::lane_sum;
 
@@ -564,7 +565,7 @@ fn conv_transpose_backward(
     let (img_item, out_item) = (geom.img_item(), geom.out_item());
     let runs = for_each_run(geom, &mut dx, out_item, |run, first, dx, all_threads| {
         let mut filter = wanted.w.then(|| FilterGrad::new(run));
-        let (mut cols, mut buf) = (Vec::new(), Vec::new());
+        let (mut cols, mut buf) = (ScratchBuf::take(), ScratchBuf::take());
         for (chunk, offset) in run.chunks() {
             let item = first + offset;
             im2col(
@@ -653,7 +654,11 @@ fn chunks_per_thread(geom: &ConvGeom, items: usize) -> bool {
 }
 
 /// Reusable buffers of one chunk's pass: the im2col matrix and a layout buffer.
-type ChunkBuffers = (Vec<f32>, Vec<f32>);
+type ChunkBuffers = (ScratchBuf, ScratchBuf);
+
+fn take_chunk_buffers() -> ChunkBuffers {
+    (ScratchBuf::take(), ScratchBuf::take())
+}
 
 /// Runs `f(chunk geometry, dst chunk, src chunk, buffers, all_threads)` for every batch chunk,
 /// `dst` and `src` split into chunks of `dst_item` and `src_item` elements per batch item.
@@ -678,11 +683,11 @@ fn for_each_chunk(
     if chunks_per_thread(geom, items) {
         dst.par_chunks_mut(items * dst_item)
             .zip(src.par_chunks(items * src_item))
-            .try_for_each_init(ChunkBuffers::default, |bufs, (dst, src)| {
+            .try_for_each_init(take_chunk_buffers, |bufs, (dst, src)| {
                 f(&chunk_geom(dst), dst, src, bufs, false)
             })
     } else {
-        let mut bufs = ChunkBuffers::default();
+        let mut bufs = take_chunk_buffers();
         dst.chunks_mut(items * dst_item)
             .zip(src.chunks(items * src_item))
             .try_for_each(|(dst, src)| f(&chunk_geom(dst), dst, src, &mut bufs, true))
@@ -805,7 +810,7 @@ fn conv_backward_filter(
         let img = &img[items.start * img_item..items.end * img_item];
         let grad = &grad[items.start * out_item..items.end * out_item];
         let mut filter = FilterGrad::new(run);
-        let mut grad_buf = Vec::new();
+        let mut grad_buf = ScratchBuf::take();
         for (chunk, offset) in run.chunks() {
             let img = &img[offset * img_item..][..chunk.img_len()];
             let grad = channel_major(
@@ -878,7 +883,7 @@ struct FilterGrad {
     /// matrix, C*k*k x n elements. Computed transposed, dW^T = im2col(img) x grad^T, it packs
     /// the output gradient, O x n, instead: take the order that packs the smaller one.
     transposed: bool,
-    cols: Vec<f32>,
+    cols: ScratchBuf,
     empty: bool,
 }
 
@@ -887,7 +892,7 @@ impl FilterGrad {
         Self {
             sum: vec![0f32; geom.kernel_len()],
             transposed: geom.col_rows() > geom.out_c,
-            cols: Vec::new(),
+            cols: ScratchBuf::take(),
             empty: true,
         }
     }
@@ -900,10 +905,10 @@ impl FilterGrad {
         grad: &[f32],
         all_threads: bool,
     ) -> candle_core::Result<()> {
-        let mut cols = std::mem::take(&mut self.cols);
-        im2col(chunk, img, &mut cols);
+        im2col(chunk, img, &mut self.cols);
+        let cols = std::mem::take(&mut *self.cols);
         let added = self.add_cols(chunk, &cols, grad, all_threads);
-        self.cols = cols;
+        *self.cols = cols;
         added
     }
 
@@ -989,7 +994,7 @@ fn conv_epilogue_backward(
     let runs = for_each_run(geom, &mut dx, img_item, |run, first, dx, all_threads| {
         let mut filter = wanted.w.then(|| FilterGrad::new(run));
         let mut dbias = vec![0f32; geom.out_c];
-        let (mut dz, mut cols) = (Vec::new(), Vec::new());
+        let (mut dz, mut cols) = (ScratchBuf::take(), ScratchBuf::take());
         for (chunk, offset) in run.chunks() {
             let start = (first + offset) * out_item;
             let outputs = start..start + chunk.out_len();

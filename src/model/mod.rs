@@ -11,6 +11,7 @@ pub mod discriminator;
 pub mod generator;
 mod matmul;
 pub mod resnet;
+mod scratch;
 mod simd;
 pub mod softmax;
 pub mod spectral_norm;
