@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use super::cpu_storage::f32_slice;
 use super::simd::vectorized;
-use super::vector_math::lane_sum;
+use super::vector_math::{lane_sum, lane_sum3};
 use crate::config::Activation;
 
 /// Elements per rayon task, so that tiny planes (4x4 feature maps) are not one task each.
@@ -572,9 +572,10 @@ impl CustomOp3 for BatchNormActGrad {
                     #[inline(always)]
                     || {
                         for ((x, y), g) in items {
-                            dbeta += lane_sum(g, |i, g| g * act.grad_at_output(y[i]));
-                            dgamma +=
-                                lane_sum(g, |i, g| g * act.grad_at_output(y[i]) * (x[i] - m) * s);
+                            dbeta += lane_sum3(g, y, x, |g, y, _| g * act.grad_at_output(y));
+                            dgamma += lane_sum3(g, y, x, |g, y, x| {
+                                g * act.grad_at_output(y) * (x - m) * s
+                            });
                         }
                         (dbeta, dgamma)
                     },

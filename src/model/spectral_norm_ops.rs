@@ -11,7 +11,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape
 use rayon::prelude::*;
 
 use super::cpu_storage::{f32_slice, with_f32_data};
-use super::vector_math::lane_sum;
+use super::simd::vectorized;
+use super::vector_math::lane_dot;
 
 /// Weight elements per rayon task.
 const TASK_ELEMS: usize = 1 << 15;
@@ -50,7 +51,7 @@ pub fn power_iteration(
         normalize(&mut v);
         let mut u = vec![0f32; view.rows];
         for (r, c, run) in view.runs(w) {
-            u[r] += lane_sum(run, |t, x| x * v[c + t]);
+            u[r] += lane_dot(run, &v[c..]);
         }
         normalize(&mut u);
         (u, v)
@@ -164,7 +165,11 @@ impl MatrixView {
                     .enumerate()
                     .map(|(k, run)| {
                         let (r, c) = self.run_position(task * per_task + k);
-                        f64::from(u[r] * lane_sum(run, |t, x| x * v[c + t]))
+                        let dot = vectorized(
+                            #[inline(always)]
+                            || lane_dot(run, &v[c..]),
+                        );
+                        f64::from(u[r] * dot)
                     })
                     .sum()
             })
@@ -242,7 +247,12 @@ impl CustomOp2 for DivideBySigmaGrad {
         let partial: Vec<f64> = w
             .par_chunks(TASK_ELEMS)
             .zip(dy.par_chunks(TASK_ELEMS))
-            .map(|(w, dy)| f64::from(lane_sum(w, |i, w| w * dy[i])))
+            .map(|(w, dy)| {
+                f64::from(vectorized(
+                    #[inline(always)]
+                    || lane_dot(w, dy),
+                ))
+            })
             .collect();
         let dot = partial.iter().sum::<f64>() as f32;
         let (inv_sigma, k) = (1.0 / self.sigma, dot / (self.sigma * self.sigma));
@@ -259,9 +269,14 @@ impl CustomOp2 for DivideBySigmaGrad {
                     let (r, c) = view.run_position(task * view.runs_per_task() + k_run);
                     let v = &self.v[c..c + view.inner];
                     let ku = k * self.u[r];
-                    for ((dw, &dy), &v) in dw.iter_mut().zip(dy).zip(v) {
-                        *dw = dy * inv_sigma - ku * v;
-                    }
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            for ((dw, &dy), &v) in dw.iter_mut().zip(dy).zip(v) {
+                                *dw = dy * inv_sigma - ku * v;
+                            }
+                        },
+                    );
                 }
             });
         Ok((CpuStorage::F32(dw), l1.shape().clone()))

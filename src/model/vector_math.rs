@@ -24,24 +24,41 @@ pub(super) fn lane_sum(xs: &[f32], mut term: impl FnMut(usize, f32) -> f32) -> f
     total
 }
 
-/// `<a, b>` over their common length, in independent lanes like `lane_sum`.
+/// Sum of `term(a[i], b[i], c[i])` over `a`'s length (`b` and `c` at least as long), in the
+/// lanes of `lane_sum` (the same order, so the same result). The slices are walked in step
+/// rather than indexed: an indexing closure keeps the loop scalar (measured 1.2 against
+/// 0.16 ns per element for batch norm's gradient sums).
 #[inline(always)]
-pub(super) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
+pub(super) fn lane_sum3(
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    term: impl Fn(f32, f32, f32) -> f32,
+) -> f32 {
+    let n = a.len();
+    let (b, c) = (&b[..n], &c[..n]);
     let mut acc = [0.0f32; LANES];
-    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let rest = n - a_chunks.remainder().len();
-    for (a, b) in a_chunks.zip(b_chunks) {
-        for ((acc, &a), &b) in acc.iter_mut().zip(a).zip(b) {
-            *acc += a * b;
+    let chunks = a
+        .chunks_exact(LANES)
+        .zip(b.chunks_exact(LANES))
+        .zip(c.chunks_exact(LANES));
+    for ((a, b), c) in chunks {
+        for (l, acc) in acc.iter_mut().enumerate() {
+            *acc += term(a[l], b[l], c[l]);
         }
     }
+    let rest = n - n % LANES;
     let mut total: f32 = acc.iter().sum();
-    for (&a, &b) in a[rest..].iter().zip(&b[rest..]) {
-        total += a * b;
+    for ((&a, &b), &c) in a[rest..].iter().zip(&b[rest..]).zip(&c[rest..]) {
+        total += term(a, b, c);
     }
     total
+}
+
+/// `<a, b>` over `a`'s length, in the lanes of `lane_sum`.
+#[inline(always)]
+pub(super) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    lane_sum3(a, b, b, |a, b, _| a * b)
 }
 
 /// Replaces every element by `f(element)` and returns the sum of the new values, in one pass
@@ -146,6 +163,14 @@ mod tests {
                 doubled.iter().zip(&xs).all(|(d, x)| *d == 2.0 * x),
                 "doubled {len}"
             );
+            let ys: Vec<f32> = xs.iter().map(|x| x * 0.5 - 1.0).collect();
+            let indexed = lane_sum(&xs, |i, x| x * ys[i] - ys[i]);
+            assert_eq!(
+                lane_sum3(&xs, &ys, &ys, |x, y, z| x * y - z),
+                indexed,
+                "{len}"
+            );
+            assert_eq!(lane_dot(&xs, &ys), lane_sum(&xs, |i, x| x * ys[i]), "{len}");
             let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(lane_max(&xs), max, "max of {len}");
         }
