@@ -12,7 +12,7 @@ pub mod generator;
 mod matmul;
 pub mod resnet;
 mod scratch;
-mod simd;
+pub(crate) mod simd;
 pub mod softmax;
 pub mod spectral_norm;
 mod spectral_norm_ops;

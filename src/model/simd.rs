@@ -11,7 +11,7 @@
 
 /// `f()`, compiled for AVX-512 or AVX2 + FMA where the CPU has them.
 #[inline(always)]
-pub(super) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     match level() {
         // SAFETY: the CPU has the features these functions are compiled for.

@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::model::cpu_storage::{f32_slice, f32_slice_mut};
+use crate::model::simd::vectorized;
 
 /// Elements per rayon task.
 const TASK_ELEMS: usize = 1 << 15;
@@ -41,10 +42,15 @@ impl InplaceOp2 for Lerp {
         acc.par_chunks_mut(TASK_ELEMS)
             .zip(x.par_chunks(TASK_ELEMS))
             .for_each(|(acc, x)| {
-                for (a, &x) in acc.iter_mut().zip(x) {
-                    let x = if square { x * x } else { x };
-                    *a = *a * keep + x * take;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (a, &x) in acc.iter_mut().zip(x) {
+                            let x = if square { x * x } else { x };
+                            *a = *a * keep + x * take;
+                        }
+                    },
+                )
             });
         Ok(())
     }
@@ -85,9 +91,14 @@ impl InplaceOp3 for AdamApply {
         w.par_chunks_mut(TASK_ELEMS)
             .zip(m.par_chunks(TASK_ELEMS).zip(v.par_chunks(TASK_ELEMS)))
             .for_each(|(w, (m, v))| {
-                for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
-                    *w -= (m * scale1) / ((v * scale2).sqrt() + eps) * lr;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                            *w -= (m * scale1) / ((v * scale2).sqrt() + eps) * lr;
+                        }
+                    },
+                )
             });
         Ok(())
     }
