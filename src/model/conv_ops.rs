@@ -1469,28 +1469,21 @@ mod tests {
         use crate::model::testing::assert_grads_close;
         // x or w left untracked (a network's input, a frozen weight): the other gradients are
         // the all-tracked reference's, and the untracked operand gets none.
-        let tracked = |t: &Tensor, track: bool| match track {
-            true => Var::from_tensor(t).unwrap(),
-            false => Var::from_tensor(&t.detach()).unwrap(),
+        // The op's operand: the variable's tensor where tracked, else a plain copy of its value.
+        let operand = |var: &Var, track: bool| match track {
+            true => var.as_tensor().clone(),
+            false => var.as_tensor().detach(),
         };
+        let var = |t: &Tensor| Var::from_tensor(t).unwrap();
         for threads in [1, 2, 3] {
             on_threads(threads, || {
                 for (i, c) in CONV_CASES.iter().enumerate() {
                     for (track_x, track_w) in [(true, false), (false, true)] {
                         let what = format!("{c:?} threads {threads} x {track_x} w {track_w}");
                         let (x, w) = conv_inputs(c, i as u64 + 300);
-                        let (xv, wv) = (tracked(&x, true), tracked(&w, true));
-                        let bv = Var::from_tensor(&randn(&[c.cout], i as u64 + 301)).unwrap();
-                        let x_in = if track_x {
-                            xv.as_tensor().clone()
-                        } else {
-                            x.clone()
-                        };
-                        let w_in = if track_w {
-                            wv.as_tensor().clone()
-                        } else {
-                            w.clone()
-                        };
+                        let (xv, wv) = (var(&x), var(&w));
+                        let bv = var(&randn(&[c.cout], i as u64 + 301));
+                        let (x_in, w_in) = (operand(&xv, track_x), operand(&wv, track_w));
                         let slope = 0.1;
                         let fused = conv2d_bias_act(
                             &x_in,
@@ -1524,17 +1517,8 @@ mod tests {
                     for (track_x, track_w) in [(true, false), (false, true), (true, true)] {
                         let what = format!("{c:?} threads {threads} x {track_x} w {track_w}");
                         let (x, w) = conv_t_inputs(c, i as u64 + 400);
-                        let (xv, wv) = (tracked(&x, track_x), tracked(&w, track_w));
-                        let x_in = if track_x {
-                            xv.as_tensor().clone()
-                        } else {
-                            x.clone()
-                        };
-                        let w_in = if track_w {
-                            wv.as_tensor().clone()
-                        } else {
-                            w.clone()
-                        };
+                        let (xv, wv) = (var(&x), var(&w));
+                        let (x_in, w_in) = (operand(&xv, track_x), operand(&wv, track_w));
                         let got = ours_conv_t(&x_in, &w_in, c);
                         let r = randn(got.dims(), 99); // as `grads` weights its reference
                         let g = (got * r).unwrap().sum_all().unwrap().backward().unwrap();
