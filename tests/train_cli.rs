@@ -112,6 +112,47 @@ fn short_run_writes_checkpoints_samples_metrics_and_curves() {
 }
 
 #[test]
+fn every_simd_level_trains_the_same_weights() {
+    // The kernels' loops run compiled for AVX-512, AVX2 or baseline x86-64, whichever the CPU
+    // has; capped with SAGAN_SIMD, a run must give the same bits (on a CPU without AVX-512
+    // some of these runs are the same level, and the test still holds).
+    let dir = tempfile::tempdir().unwrap();
+    let runs: Vec<PathBuf> = ["baseline", "avx2", "auto"]
+        .iter()
+        .map(|level| {
+            let run = dir.path().join(level);
+            train()
+                .env("SAGAN_SIMD", level)
+                .args(QUICK)
+                .args([
+                    "--steps",
+                    "2",
+                    "--sample-every",
+                    "0",
+                    "--seed",
+                    "3",
+                    "--out",
+                ])
+                .arg(&run)
+                .assert()
+                .success();
+            run
+        })
+        .collect();
+    for file in ["generator", "discriminator", "optimizer"] {
+        let name = format!("checkpoints/step-00000002/{file}.safetensors");
+        let want = tensors(&runs[0].join(&name));
+        for run in &runs[1..] {
+            let got = tensors(&run.join(&name));
+            assert_eq!(got.len(), want.len(), "{file}");
+            for (tensor, bytes) in &want {
+                assert!(got[tensor] == *bytes, "{run:?} {file}: {tensor} differs");
+            }
+        }
+    }
+}
+
+#[test]
 fn resume_is_bit_identical_to_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));

@@ -8,6 +8,10 @@
 //! the kernels it runs are `#[inline(always)]`. The results do not depend on the target: Rust
 //! never fuses a multiply and an add on its own, and the kernels' reductions fix their order
 //! in explicit lanes (`vector_math`).
+//!
+//! `SAGAN_SIMD=baseline` or `SAGAN_SIMD=avx2` caps the level (like PyTorch's
+//! `ATEN_CPU_CAPABILITY`): to rule the dispatch out when chasing a problem, and for the test
+//! that every level trains the same weights.
 
 /// `f()`, compiled for AVX-512 or AVX2 + FMA where the CPU has them.
 #[inline(always)]
@@ -23,7 +27,8 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Instruction-set levels, in increasing order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Level {
     Baseline,
     Avx2,
@@ -37,14 +42,18 @@ fn level() -> Level {
     *LEVEL.get_or_init(|| {
         use std::arch::is_x86_feature_detected as has;
         let avx2 = has!("avx2") && has!("fma");
-        match (
-            avx2,
-            has!("avx512f") && has!("avx512vl") && has!("avx512bw"),
-        ) {
+        let avx512 = has!("avx512f") && has!("avx512vl") && has!("avx512bw");
+        let detected = match (avx2, avx512) {
             (true, true) => Level::Avx512,
             (true, false) => Level::Avx2,
             _ => Level::Baseline,
-        }
+        };
+        let cap = match std::env::var("SAGAN_SIMD").as_deref() {
+            Ok("baseline") => Level::Baseline,
+            Ok("avx2") => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        detected.min(cap)
     })
 }
 
