@@ -1,5 +1,7 @@
 //! Strided single-precision GEMM for the custom ops' kernels, on the `gemm` crate.
 
+use super::scratch::ScratchBuf;
+
 /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(super) struct MatRef<'a> {
@@ -32,9 +34,10 @@ impl<'a> MatRef<'a> {
         }
     }
 
-    /// The matrix copied into a new row-major buffer.
-    fn to_row_major(self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
+    /// The matrix copied into a row-major scratch buffer.
+    fn to_row_major(self) -> ScratchBuf {
+        let mut out = ScratchBuf::take();
+        out.resize(self.rows * self.cols, 0.0);
         self.copy_row_major(&mut out);
         out
     }
@@ -104,15 +107,16 @@ pub(super) fn matmul_on(
     }
 }
 
-/// Whether gemm would multiply by `b` much faster from a row-major copy. gemm packs a
-/// column-major right operand slowly once the inner dimension exceeds its depth block (256):
-/// measured at k = 1024, 33 against 108 GFLOP/s for m = n = 64 and 64 against 114 for m = 196,
-/// n = 64, while m = 1024 loses only ~5 % and n = 8 nothing. With the copy (k x n elements
-/// against the product's m x n x k): 2.9 -> 1.5 ms for m = 64, n = 48, k = 16384 (sagan64's
-/// first D layer's weight gradient), 0.28 -> 0.14 ms for m = 80, n = 64, k = 1024 (its 32x32
-/// attention's weight gradient).
-fn packs_slowly(m: usize, n: usize, k: usize, b: &MatRef) -> bool {
-    b.rs == 1 && b.cs != 1 && k > 256 && n >= 32 && m <= 256
+/// Whether gemm would multiply by `b` faster from a row-major copy. gemm packs a column-major
+/// right operand slowly once the inner dimension exceeds its depth block (256): measured at
+/// k = 1024, 33 against 108 GFLOP/s for m = n = 64, 64 against 114 for m = 196, n = 64, 83
+/// against 110 for m = 512 and 95 against 110 for m = 1024 (sagan64's 32x32 attention output),
+/// and still 99 against 107 for m = 1024, n = 128, k = 784; n = 8 gains nothing. The copy
+/// (k x n elements against the product's m x n x k) is cheap beside it: 2.9 -> 1.5 ms for
+/// m = 64, n = 48, k = 16384 (sagan64's first D layer's weight gradient), 0.28 -> 0.14 ms for
+/// m = 80, n = 64, k = 1024 (its 32x32 attention's weight gradient).
+fn packs_slowly(n: usize, k: usize, b: &MatRef) -> bool {
+    b.rs == 1 && b.cs != 1 && k > 256 && n >= 32
 }
 
 fn gemm_into(
@@ -140,7 +144,7 @@ fn gemm_into(
         return Ok(());
     }
     let row_major_b;
-    let b = if packs_slowly(m, n, k, &b) {
+    let b = if packs_slowly(n, k, &b) {
         row_major_b = b.to_row_major();
         MatRef::row_major(&row_major_b, k, n)
     } else {
@@ -193,14 +197,15 @@ mod tests {
 
     #[test]
     fn column_major_right_operands_multiply_like_row_major_ones() {
-        // (m, n, k): the first two take the row-major copy, the others gemm's own packing.
+        // (m, n, k): the first two and the last take the row-major copy, the third gemm's own
+        // packing.
         for (m, n, k) in [(8, 48, 300), (70, 33, 517), (70, 33, 200), (300, 40, 400)] {
             let a_data: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 6.0).collect();
             let b_data: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.5 - 1.5).collect();
             let a = MatRef::row_major(&a_data, m, k);
             // b [k, n] column-major: the transpose of a row-major [n, k].
             let b = MatRef::row_major(&b_data, n, k).t();
-            assert_eq!(packs_slowly(m, n, k, &b), k > 256 && m <= 256);
+            assert_eq!(packs_slowly(n, k, &b), k > 256);
             let mut got = vec![1f32; m * n];
             matmul_serial(&mut got, a, b, false).unwrap();
             assert_eq!(got, naive(a, b), "m {m} n {n} k {k}");
