@@ -1201,6 +1201,80 @@ fn im2col(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
 /// of `img` (zeroed by the caller) it would have been read from. Each task owns one `(b, c)`
 /// image plane, so the scatter needs no synchronisation.
 fn col2im(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
+    if geom.is_k4_s2_p1() {
+        col2im_k4_s2_p1(geom, cols, img);
+    } else {
+        col2im_scatter(geom, cols, img);
+    }
+}
+
+impl ConvGeom {
+    /// The 4x4, stride-2, padding-1 kernel of every SAGAN up- and down-sampling layer, on an
+    /// image of twice the output's (even) size.
+    fn is_k4_s2_p1(&self) -> bool {
+        (self.k, self.stride, self.padding) == (4, 2, 1)
+            && (self.img_h, self.img_w) == (2 * self.out_h, 2 * self.out_w)
+    }
+}
+
+/// `col2im` for `ConvGeom::is_k4_s2_p1` as a gather, writing every pixel once. Image row 2t
+/// takes kernel rows 1 (output row t) and 3 (row t - 1), image row 2t + 1 kernel rows 2 (t)
+/// and 0 (t + 1); columns likewise. The general scatter makes sixteen strided passes of
+/// output-row length (7 to 32 here) per plane, and those short loops were its cost.
+fn col2im_k4_s2_p1(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
+    let (out_h, out_w, img_w) = (geom.out_h, geom.out_w, geom.img_w);
+    let (row_len, out_plane) = (geom.col_cols(), geom.out_plane());
+    let plane = geom.img_h * img_w;
+    if plane == 0 {
+        return;
+    }
+    let zeros = vec![0f32; out_w];
+    img.par_chunks_mut(plane).enumerate().for_each(|(bc, dst)| {
+        vectorized(
+            #[inline(always)]
+            || {
+                let (b, c) = (bc / geom.img_c, bc % geom.img_c);
+                // The four kernel columns' output rows of kernel row `ki` at output row `oh`
+                // (zeros outside the output).
+                let taps = |ki: usize, oh: Option<usize>| -> [&[f32]; 4] {
+                    match oh {
+                        Some(oh) if oh < out_h => std::array::from_fn(|kj| {
+                            let row = (c * 4 + ki) * 4 + kj;
+                            &cols[row * row_len + b * out_plane + oh * out_w..][..out_w]
+                        }),
+                        _ => [&zeros[..]; 4],
+                    }
+                };
+                for (y, dst_row) in dst.chunks_exact_mut(img_w).enumerate() {
+                    let t = y / 2;
+                    let (near, far) = match y % 2 {
+                        0 => (taps(1, Some(t)), taps(3, t.checked_sub(1))),
+                        _ => (taps(2, Some(t)), taps(0, Some(t + 1))),
+                    };
+                    gather_row_k4_s2_p1(dst_row, near, far);
+                }
+            },
+        )
+    });
+}
+
+/// One image row from the kernel-column rows of its two kernel rows: column 2t takes kernel
+/// columns 1 (output column t) and 3 (t - 1), column 2t + 1 kernel columns 2 (t) and 0 (t + 1).
+#[inline(always)]
+fn gather_row_k4_s2_p1(dst: &mut [f32], near: [&[f32]; 4], far: [&[f32]; 4]) {
+    for (t, pair) in dst.chunks_exact_mut(2).enumerate() {
+        pair[0] = near[1][t] + far[1][t];
+        pair[1] = near[2][t] + far[2][t];
+    }
+    for t in 1..dst.len() / 2 {
+        dst[2 * t] += near[3][t - 1] + far[3][t - 1];
+        dst[2 * t - 1] += near[0][t] + far[0][t];
+    }
+}
+
+/// `col2im` for any geometry, as a scatter: per image plane, each kernel tap's output rows are
+/// added onto the image rows they were read from.
+fn col2im_scatter(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
     let ConvGeom {
         img_c,
         img_h,
@@ -1547,6 +1621,42 @@ mod tests {
         assert!(dense(&[3, 5, 7, 7], &[1, 5, 7, 7], 0));
         assert!(!dense(&[3, 5, 7, 7], &[1, 5, 7, 7], 1));
         assert!(!dense(&[3, 5, 7, 8], &[1, 5, 7, 7], 0));
+    }
+
+    #[test]
+    fn k4_s2_p1_col2im_gathers_what_the_scatter_adds() {
+        // (batch, image channels, output height, output width)
+        for (batch, img_c, out_h, out_w) in
+            [(1, 1, 1, 1), (2, 3, 7, 7), (3, 2, 4, 5), (1, 2, 16, 3)]
+        {
+            let geom = ConvGeom {
+                batch,
+                img_c,
+                img_h: 2 * out_h,
+                img_w: 2 * out_w,
+                out_c: 1,
+                out_h,
+                out_w,
+                k: 4,
+                stride: 2,
+                padding: 1,
+            };
+            assert!(geom.is_k4_s2_p1());
+            let cols = to_vec(&randn(&[geom.col_rows() * geom.col_cols()], 7));
+            let mut want = vec![0f32; geom.img_len()];
+            col2im_scatter(&geom, &cols, &mut want);
+            // NaN where a pixel would be left unwritten.
+            let mut got = vec![f32::NAN; geom.img_len()];
+            col2im_k4_s2_p1(&geom, &cols, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{geom:?} pixel {i}: {g} vs {w}"
+                );
+            }
+        }
+        let odd = ConvGeom::for_conv2d(&[1, 1, 7, 8], &[1, 1, 4, 4], 2, 1).unwrap();
+        assert!(!odd.is_k4_s2_p1());
     }
 
     #[test]
