@@ -1133,6 +1133,75 @@ fn valid_range(
 /// im2col for a batch into `cols` (resized to `[C*k*k, B*Ho*Wo]`): row `(c, ki, kj)`, column
 /// `(b, oh, ow)` holds `img[b, c, oh * s + ki - p, ow * s + kj - p]`, zero in the padding.
 fn im2col(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
+    if geom.is_k4_s2_p1() {
+        cols.resize(geom.col_rows() * geom.col_cols(), 0.0);
+        im2col_k4_s2_p1(geom, img, cols);
+    } else {
+        im2col_gather(geom, img, cols);
+    }
+}
+
+/// `im2col` for `ConvGeom::is_k4_s2_p1`, one task per (channel, kernel row): each image row
+/// is split once into its even and odd columns, and the four kernel columns' rows are those
+/// halves shifted: kernel column 1 reads even column t, 3 even t + 1, 2 odd t, 0 odd t - 1.
+/// The general gather makes one strided pass of output-row length per kernel column.
+fn im2col_k4_s2_p1(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
+    let (out_h, out_w, img_h, img_w) = (geom.out_h, geom.out_w, geom.img_h, geom.img_w);
+    let (row_len, out_plane, plane) = (geom.col_cols(), geom.out_plane(), img_h * img_w);
+    if row_len == 0 {
+        return;
+    }
+    cols.par_chunks_mut(4 * row_len)
+        .enumerate()
+        .for_each(|(c_ki, dst)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (c, ki) = (c_ki / 4, c_ki % 4);
+                    let (col0, rest) = dst.split_at_mut(row_len);
+                    let (col1, rest) = rest.split_at_mut(row_len);
+                    let (col2, col3) = rest.split_at_mut(row_len);
+                    for b in 0..geom.batch {
+                        let src = &img[(b * geom.img_c + c) * plane..][..plane];
+                        for oh in 0..out_h {
+                            let at = b * out_plane + oh * out_w;
+                            let [d0, d1, d2, d3] = [&mut *col0, &mut *col1, &mut *col2, &mut *col3]
+                                .map(|col| &mut col[at..at + out_w]);
+                            // Image row 2 oh + ki - 1; the padding rows are zero.
+                            let ih = (2 * oh + ki).checked_sub(1).filter(|&ih| ih < img_h);
+                            let Some(ih) = ih else {
+                                for d in [d0, d1, d2, d3] {
+                                    d.fill(0.0);
+                                }
+                                continue;
+                            };
+                            let src_row = &src[ih * img_w..][..img_w];
+                            for ((even, odd), pair) in d1
+                                .iter_mut()
+                                .zip(d2.iter_mut())
+                                .zip(src_row.chunks_exact(2))
+                            {
+                                (*even, *odd) = (pair[0], pair[1]);
+                            }
+                            // Gathered again rather than copied from d1 and d2: copies of a
+                            // few elements become memcpy calls, which cost more than the loads.
+                            let shifted = src_row[1..].chunks_exact(2);
+                            for ((next_even, prev_odd), pair) in
+                                d3.iter_mut().zip(d0[1..].iter_mut()).zip(shifted)
+                            {
+                                (*prev_odd, *next_even) = (pair[0], pair[1]);
+                            }
+                            d3[out_w - 1] = 0.0;
+                            d0[0] = 0.0;
+                        }
+                    }
+                },
+            )
+        });
+}
+
+/// `im2col` for any geometry: per im2col row, a gather of output-row length per output row.
+fn im2col_gather(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
     let ConvGeom {
         img_h,
         img_w,
@@ -1657,6 +1726,29 @@ mod tests {
         }
         let odd = ConvGeom::for_conv2d(&[1, 1, 7, 8], &[1, 1, 4, 4], 2, 1).unwrap();
         assert!(!odd.is_k4_s2_p1());
+    }
+
+    #[test]
+    fn k4_s2_p1_im2col_matches_the_general_gather() {
+        for (batch, img_c, out_h, out_w) in
+            [(1, 1, 1, 1), (2, 3, 7, 7), (3, 2, 4, 5), (1, 2, 16, 3)]
+        {
+            let geom = ConvGeom::for_conv2d(
+                &[batch, img_c, 2 * out_h, 2 * out_w],
+                &[1, img_c, 4, 4],
+                2,
+                1,
+            )
+            .unwrap();
+            assert!(geom.is_k4_s2_p1());
+            let img = to_vec(&randn(&[geom.img_len()], 11));
+            let mut want = Vec::new();
+            im2col_gather(&geom, &img, &mut want);
+            // NaN where an entry would be left unwritten.
+            let mut got = vec![f32::NAN; want.len()];
+            im2col_k4_s2_p1(&geom, &img, &mut got);
+            assert_eq!(got, want, "{geom:?}");
+        }
     }
 
     #[test]
