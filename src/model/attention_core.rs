@@ -28,6 +28,36 @@ const KEEP_BUDGET: usize = 64 << 20;
 /// in order: a fixed grouping, so the result does not depend on scheduling or thread count.
 const GROUP_ITEMS: usize = 4;
 
+/// Kept forward buffers a backward (or a graph dropped without one) has finished with, for the
+/// next forward to size and overwrite: allocating them afresh zeroes 17-27 MiB per attention
+/// layer and step on sagan-mnist28. Holds at most `POOL_BUDGET` bytes.
+static KEPT_POOL: Mutex<Vec<Scratch>> = Mutex::new(Vec::new());
+
+/// Most bytes `KEPT_POOL` holds: what one training step's forwards keep.
+const POOL_BUDGET: usize = 2 * KEEP_BUDGET;
+
+/// `batch` kept buffers, from the pool where it has them (stale, unsized).
+fn take_kept(batch: usize) -> Vec<Scratch> {
+    let mut pool = KEPT_POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    let start = pool.len().saturating_sub(batch);
+    let mut kept: Vec<Scratch> = pool.drain(start..).collect();
+    drop(pool);
+    kept.resize_with(batch, Scratch::default);
+    kept
+}
+
+fn return_kept(kept: Vec<Scratch>) {
+    let mut pool = KEPT_POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut held: usize = pool.iter().map(Scratch::bytes).sum();
+    for s in kept {
+        held += s.bytes();
+        if held > POOL_BUDGET {
+            break;
+        }
+        pool.push(s);
+    }
+}
+
 /// `o [B, Cv, H, W]` of the attention core for `x [B, C, H, W]`, the stacked 1x1 weights
 /// `w [2 * query_channels + Cv, C]` (query rows, then key rows, then value rows) and biases
 /// `b [2 * query_channels + Cv]`; `pooled` max-pools keys and values 2x2 (H and W even).
@@ -133,6 +163,25 @@ struct Scratch {
     /// For each pooled key/value element, the position of its maximum (pooled form only).
     argmax: Vec<u32>,
     map: Vec<f32>,
+}
+
+impl Scratch {
+    /// Sizes every buffer for `g`, keeping stale contents: `Geom::forward_item` overwrites
+    /// all of them before reading any.
+    fn size_for(&mut self, g: &Geom) {
+        self.qkv.resize(g.rows * g.positions, 0.0);
+        self.kv.resize(g.kv_len(), 0.0);
+        self.argmax.resize(g.kv_len(), 0);
+        self.map.resize(g.positions * g.keys, 0.0);
+    }
+
+    /// Bytes the buffers hold.
+    fn bytes(&self) -> usize {
+        4 * (self.qkv.capacity()
+            + self.kv.capacity()
+            + self.argmax.capacity()
+            + self.map.capacity())
+    }
 }
 
 /// Per-thread buffers of the backward, besides the recomputed forward's.
@@ -247,12 +296,9 @@ impl Geom {
     }
 
     fn scratch(&self) -> Scratch {
-        Scratch {
-            qkv: vec![0f32; self.rows * self.positions],
-            kv: vec![0f32; self.kv_len()],
-            argmax: vec![0; self.kv_len()],
-            map: vec![0f32; self.positions * self.keys],
-        }
+        let mut s = Scratch::default();
+        s.size_for(self);
+        s
     }
 
     fn grad_buffers(&self) -> GradBuffers {
@@ -437,6 +483,15 @@ struct AttentionCore {
     kept: Mutex<Option<Vec<Scratch>>>,
 }
 
+impl Drop for AttentionCore {
+    fn drop(&mut self) {
+        let kept = self.kept.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(kept) = kept.take() {
+            return_kept(kept);
+        }
+    }
+}
+
 impl CustomOp3 for AttentionCore {
     fn name(&self) -> &'static str {
         "sagan-attention-core"
@@ -462,12 +517,12 @@ impl CustomOp3 for AttentionCore {
             .zip(x.par_chunks(g.channels * n));
         let o_t = || vec![0f32; n * g.value];
         if self.keep {
-            let mut kept: Vec<Scratch> = (0..g.batch).map(|_| Scratch::default()).collect();
+            let mut kept = take_kept(g.batch);
             kept.par_iter_mut()
                 .zip(items)
                 .with_min_len(g.items_per_task())
                 .try_for_each_init(o_t, |o_t, (s, (out, x))| -> Result<()> {
-                    *s = g.scratch();
+                    s.size_for(&g);
                     g.forward_item(w, b, x, s)?;
                     g.output_item(s, x, gamma, o_t, out)
                 })?;
@@ -537,6 +592,14 @@ struct AttentionCoreGrad {
     core: Core,
     params: Vec<f32>,
     kept: Option<Vec<Scratch>>,
+}
+
+impl Drop for AttentionCoreGrad {
+    fn drop(&mut self) {
+        if let Some(kept) = self.kept.take() {
+            return_kept(kept);
+        }
+    }
 }
 
 impl CustomOp3 for AttentionCoreGrad {
