@@ -1692,25 +1692,21 @@ mod tests {
         assert!(!dense(&[3, 5, 7, 8], &[1, 5, 7, 7], 0));
     }
 
+    /// A 4x4 / stride-2 / padding-1 conv's geometry from its output size.
+    fn k4_s2_p1_geom(batch: usize, img_c: usize, out_h: usize, out_w: usize) -> ConvGeom {
+        let x = [batch, img_c, 2 * out_h, 2 * out_w];
+        let geom = ConvGeom::for_conv2d(&x, &[1, img_c, 4, 4], 2, 1).unwrap();
+        assert!(geom.is_k4_s2_p1() && (geom.out_h, geom.out_w) == (out_h, out_w));
+        geom
+    }
+
     #[test]
     fn k4_s2_p1_col2im_gathers_what_the_scatter_adds() {
         // (batch, image channels, output height, output width)
         for (batch, img_c, out_h, out_w) in
             [(1, 1, 1, 1), (2, 3, 7, 7), (3, 2, 4, 5), (1, 2, 16, 3)]
         {
-            let geom = ConvGeom {
-                batch,
-                img_c,
-                img_h: 2 * out_h,
-                img_w: 2 * out_w,
-                out_c: 1,
-                out_h,
-                out_w,
-                k: 4,
-                stride: 2,
-                padding: 1,
-            };
-            assert!(geom.is_k4_s2_p1());
+            let geom = k4_s2_p1_geom(batch, img_c, out_h, out_w);
             let cols = to_vec(&randn(&[geom.col_rows() * geom.col_cols()], 7));
             let mut want = vec![0f32; geom.img_len()];
             col2im_scatter(&geom, &cols, &mut want);
@@ -1733,14 +1729,7 @@ mod tests {
         for (batch, img_c, out_h, out_w) in
             [(1, 1, 1, 1), (2, 3, 7, 7), (3, 2, 4, 5), (1, 2, 16, 3)]
         {
-            let geom = ConvGeom::for_conv2d(
-                &[batch, img_c, 2 * out_h, 2 * out_w],
-                &[1, img_c, 4, 4],
-                2,
-                1,
-            )
-            .unwrap();
-            assert!(geom.is_k4_s2_p1());
+            let geom = k4_s2_p1_geom(batch, img_c, out_h, out_w);
             let img = to_vec(&randn(&[geom.img_len()], 11));
             let mut want = Vec::new();
             im2col_gather(&geom, &img, &mut want);
