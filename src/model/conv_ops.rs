@@ -792,8 +792,9 @@ fn conv_backward_data(geom: &ConvGeom, grad: &[f32], w: &[f32]) -> candle_core::
 /// `W^T [C*k*k, O]` copied row-major, for the products from the output side to the image side:
 /// gemm runs them ~15-30 % faster than over the transposed view of W, and every chunk reuses
 /// the copy.
-fn transposed_weight(geom: &ConvGeom, w: &[f32]) -> Vec<f32> {
-    let mut w_t = vec![0f32; w.len()];
+fn transposed_weight(geom: &ConvGeom, w: &[f32]) -> ScratchBuf {
+    let mut w_t = ScratchBuf::take();
+    w_t.resize(w.len(), 0.0);
     MatRef::row_major(w, geom.out_c, geom.col_rows())
         .t()
         .copy_row_major(&mut w_t);
@@ -1133,8 +1134,8 @@ fn valid_range(
 /// im2col for a batch into `cols` (resized to `[C*k*k, B*Ho*Wo]`): row `(c, ki, kj)`, column
 /// `(b, oh, ow)` holds `img[b, c, oh * s + ki - p, ow * s + kj - p]`, zero in the padding.
 fn im2col(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
+    cols.resize(geom.col_rows() * geom.col_cols(), 0.0);
     if geom.is_k4_s2_p1() {
-        cols.resize(geom.col_rows() * geom.col_cols(), 0.0);
         im2col_k4_s2_p1(geom, img, cols);
     } else {
         im2col_gather(geom, img, cols);
@@ -1201,7 +1202,7 @@ fn im2col_k4_s2_p1(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
 }
 
 /// `im2col` for any geometry: per im2col row, a gather of output-row length per output row.
-fn im2col_gather(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
+fn im2col_gather(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
     let ConvGeom {
         img_h,
         img_w,
@@ -1214,7 +1215,6 @@ fn im2col_gather(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
     } = *geom;
     let plane = img_h * img_w;
     let row_len = geom.col_cols();
-    cols.resize(geom.col_rows() * row_len, 0.0);
     if row_len == 0 {
         return;
     }
@@ -1731,11 +1731,16 @@ mod tests {
         {
             let geom = k4_s2_p1_geom(batch, img_c, out_h, out_w);
             let img = to_vec(&randn(&[geom.img_len()], 11));
-            let mut want = Vec::new();
-            im2col_gather(&geom, &img, &mut want);
             // NaN where an entry would be left unwritten.
-            let mut got = vec![f32::NAN; want.len()];
+            let mut want = vec![f32::NAN; geom.col_rows() * geom.col_cols()];
+            im2col_gather(&geom, &img, &mut want);
+            let mut got = want.clone();
+            got.fill(f32::NAN);
             im2col_k4_s2_p1(&geom, &img, &mut got);
+            assert!(
+                !want.is_empty() && !want.iter().any(|v| v.is_nan()),
+                "{geom:?}"
+            );
             assert_eq!(got, want, "{geom:?}");
         }
     }
