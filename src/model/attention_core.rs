@@ -248,12 +248,6 @@ impl Geom {
         (b, gamma.first().copied().unwrap_or(1.0))
     }
 
-    /// Items per rayon task: one task per thread, so that each allocates its scratch buffers
-    /// (8 MiB for a 32x32 map and its gradient) once rather than once per item.
-    fn items_per_task(&self) -> usize {
-        self.batch.div_ceil(rayon::current_num_threads()).max(1)
-    }
-
     fn kv_len(&self) -> usize {
         if self.pooled {
             (self.query + self.value) * self.keys
@@ -360,7 +354,8 @@ impl Geom {
     }
 
     /// One item's backward from its forward buffers `s` and the result's gradient `dy`:
-    /// writes `dx` and adds the item's weight, bias and gamma gradients onto `sums`.
+    /// writes `dx` and adds the item's weight, bias and gamma gradients onto `sums` (when
+    /// there are any to compute).
     ///
     /// With dO = gamma dy: dv = dO A; dA = dO^T v, dE = A * (dA - rowsum(dA * A));
     /// dq = k dE^T, dk = q dE (pooled keys and values: their gradients go back to where each
@@ -376,7 +371,7 @@ impl Geom {
         dy: &[f32],
         t: &mut GradBuffers,
         dx: &mut [f32],
-        sums: &mut [f32],
+        sums: Option<&mut [f32]>,
     ) -> Result<()> {
         let (n, m) = (self.positions, self.keys);
         let q_len = self.query * n;
@@ -424,6 +419,9 @@ impl Geom {
             dx.copy_from_slice(dy);
         }
         self.gemm(dx, w.t(), dqkv, self.residual)?;
+        let Some(sums) = sums else {
+            return Ok(());
+        };
         // dw [rows, C] += dqkv [rows, N] x x^T [N, C]; db += dqkv's row sums.
         let (dw, dparams) = sums.split_at_mut(self.rows * self.channels);
         let x_t = MatRef::row_major(x, self.channels, n).t();
@@ -515,20 +513,24 @@ impl CustomOp3 for AttentionCore {
         let items = out
             .par_chunks_mut(g.value * n)
             .zip(x.par_chunks(g.channels * n));
+        // Item by item, no minimum task length: rayon splits further only when a thread runs
+        // out of work, so the `init` buffers are made a few times per call, and one slow
+        // thread does not leave the other waiting on a fixed half of the batch (measured
+        // +4.6 % img/s on sagan-mnist28 against one task per thread).
         let o_t = || vec![0f32; n * g.value];
         if self.keep {
             let mut kept = take_kept(g.batch);
-            kept.par_iter_mut()
-                .zip(items)
-                .with_min_len(g.items_per_task())
-                .try_for_each_init(o_t, |o_t, (s, (out, x))| -> Result<()> {
+            kept.par_iter_mut().zip(items).try_for_each_init(
+                o_t,
+                |o_t, (s, (out, x))| -> Result<()> {
                     s.size_for(&g);
                     g.forward_item(w, b, x, s)?;
                     g.output_item(s, x, gamma, o_t, out)
-                })?;
+                },
+            )?;
             *self.kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(kept);
         } else {
-            items.with_min_len(g.items_per_task()).try_for_each_init(
+            items.try_for_each_init(
                 || (g.scratch(), o_t()),
                 |(s, o_t), (out, x)| -> Result<()> {
                     g.forward_item(w, b, x, s)?;
@@ -559,6 +561,8 @@ impl CustomOp3 for AttentionCore {
             core: self.core,
             params: params.to_vec1()?,
             kept,
+            // The G step's pass through D, whose parameters are constants there.
+            param_grads: w.track_op() || params.track_op(),
         };
         // One buffer holds [dx (B*C*N), dw (rows*C), dparams]: a custom op has one output.
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &op)?;
@@ -592,6 +596,8 @@ struct AttentionCoreGrad {
     core: Core,
     params: Vec<f32>,
     kept: Option<Vec<Scratch>>,
+    /// Whether dw and dparams are wanted (they stay zero otherwise).
+    param_grads: bool,
 }
 
 impl Drop for AttentionCoreGrad {
@@ -642,7 +648,6 @@ impl CustomOp3 for AttentionCoreGrad {
                     .zip(dy.par_chunks(GROUP_ITEMS * dy_item)),
             )
             .enumerate()
-            .with_min_len(groups.div_ceil(rayon::current_num_threads()))
             .try_for_each_init(
                 || {
                     // Buffers for a recomputed forward, unless the forward's were kept.
@@ -668,6 +673,7 @@ impl CustomOp3 for AttentionCoreGrad {
                                 &*recomputed
                             }
                         };
+                        let sums = self.param_grads.then_some(&mut *sums);
                         g.backward_item(w, gamma, s, x, dy, t, dx, sums)?;
                     }
                     Ok(())
@@ -792,11 +798,21 @@ mod tests {
     fn only_tracked_operands_get_gradients() {
         let x = Var::from_tensor(&input(2, 8, 3, 3, 1)).unwrap();
         let w = input(1, 1, 10, 8, 2).reshape((10, 8)).unwrap();
-        let b = Tensor::zeros(10, DType::F32, &Device::Cpu).unwrap();
-        let y = attention_core(&x, &w, &b, None, 1, false).unwrap();
-        let grads = y.sum_all().unwrap().backward().unwrap();
-        assert!(grads.get(&x).is_some());
-        assert!(grads.get(&w).is_none() && grads.get(&b).is_none());
+        let b = input(1, 1, 1, 10, 3).flatten_all().unwrap();
+        let r = input(2, 8, 3, 3, 4);
+        let grads = |w: &Tensor, b: &Tensor| {
+            let y = attention_core(&x, w, b, None, 1, false).unwrap();
+            (y * &r).unwrap().sum_all().unwrap().backward().unwrap()
+        };
+        // Constant w and b (the G step's pass through D): the backward skips their gradients,
+        // and x's gradient is the same as with every operand tracked.
+        let constants = grads(&w, &b);
+        assert!(constants.get(&w).is_none() && constants.get(&b).is_none());
+        let (w_var, b_var) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+        let tracked = grads(&w_var, &b_var);
+        assert!(tracked.get(&w_var).is_some() && tracked.get(&b_var).is_some());
+        let dx = |g: &candle_core::backprop::GradStore| g.get(&x).unwrap().clone();
+        assert_close(&dx(&constants), &dx(&tracked), "dx with constant w and b");
     }
 
     #[test]
