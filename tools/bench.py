@@ -352,21 +352,23 @@ def report(ctx, args, diffs, results, sgemm, load_before, load_after, wall):
         f"(torch.matmul {best['torch']:.0f}, NumPy {best['numpy']:.0f} GFLOP/s). Load average "
         f"(1, 5, 15 min) before: {load_before}, after: {load_after}.",
         "",
-        "| workload | implementation | img/s min | img/s median | vs PyTorch | % of sgemm peak "
+        "| workload | implementation | img/s min | img/s median | vs PyTorch | paired | % of sgemm peak "
         "| peak RSS MiB | background CPU % |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, kind, preset, _ in WORKLOADS:
         infer_flops, train_flops = model_flops(ctx.presets[preset])
         flops = train_flops if kind == "train" else infer_flops
-        torch_median = statistics.median(x for x, _ in results[(label, "PyTorch eager")])
+        torch_values = [x for x, _ in results[(label, "PyTorch eager")]]
+        torch_median = statistics.median(torch_values)
         for i, (name, _) in enumerate(IMPLEMENTATIONS[kind]):
             values = [x for x, _ in results[(label, name)]]
             median = statistics.median(values)
+            paired = statistics.median(v / t for v, t in zip(values, torch_values))
             rss = max(rss for _, (rss, _) in results[(label, name)])
             background = statistics.median(b for _, (_, b) in results[(label, name)])
             lines.append(f"| {label if i == 0 else ''} | {name} | {min(values):.1f} | {median:.1f} "
-                         f"| {median / torch_median:.2f} | {100 * median * flops / 1e9 / peak:.0f} "
+                         f"| {median / torch_median:.2f} | {paired:.2f} | {100 * median * flops / 1e9 / peak:.0f} "
                          f"| {rss:.0f} | {100 * background:.0f} |")
     flop_notes = "; ".join(f"{p} {model_flops(ctx.presets[p])[1] / 1e9:.2f} per training image and "
                            f"{model_flops(ctx.presets[p])[0] / 1e9:.3f} per generated image"
@@ -378,7 +380,9 @@ def report(ctx, args, diffs, results, sgemm, load_before, load_after, wall):
         f"{args.reps} repetitions, each running every row in turn; every measurement is its own "
         f"process. Training: warm-up + timed steps per process ({train}); generation: "
         f"{INFER_WARMUP} warm-up + timed runs per process ({infer}). vs PyTorch and % of sgemm peak "
-        f"use the medians; GFLOP counted from the presets: {flop_notes}. Peak RSS: the largest of the "
+        f"use the medians; paired: the median of the per-repetition ratios to PyTorch (the two sides "
+        f"of a pair run minutes apart, so a slow stretch of the machine hits both: it moves less "
+        f"than the ratio of medians when one side drifts between repetitions); GFLOP counted from the presets: {flop_notes}. Peak RSS: the largest of the "
         f"repetitions. Background CPU: the share of the machine's CPU time other processes used "
         f"during the measurement (median). Whole run {wall / 60:.1f} min.",
         "",
