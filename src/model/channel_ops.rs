@@ -370,8 +370,7 @@ pub fn batch_norm_act(
     leaky_slope: f64,
     train: bool,
 ) -> Result<Tensor> {
-    let kernel_act = Act::new(act, leaky_slope);
-    let (Some(kernel_act), true, true) = (kernel_act, train, takes_fast_path(x)) else {
+    let Some(norm) = BatchNormAct::for_training(x, bn, act, leaky_slope, train) else {
         let x = match bias {
             Some(b) => x.broadcast_add(&per_channel(b, x)?)?,
             None => x.clone(),
@@ -382,25 +381,78 @@ pub fn batch_norm_act(
             leaky_slope,
         );
     };
-    // A norm without scale and shift: the constants 1 and 0, which the graph does not track.
-    let (gamma, beta) = match bn.weight_and_bias() {
+    let (gamma, beta) = scale_shift(bn, train, x.device())?;
+    let y = x.contiguous()?.apply_op3(&gamma, &beta, norm.clone())?;
+    norm.update_running_stats(bn, bias, x.elem_count())?;
+    Ok(y)
+}
+
+/// `bn`'s scale and shift as a forward uses them; a norm without them has the constants 1 and
+/// 0, which the graph does not track.
+fn scale_shift(bn: &BatchNorm, train: bool, device: &Device) -> Result<(Tensor, Tensor)> {
+    Ok(match bn.weight_and_bias() {
         Some((gamma, beta)) => (super::param(gamma, train), super::param(beta, train)),
         None => {
             let c = bn.running_mean().elem_count();
-            let ones = Tensor::ones(c, DType::F32, x.device())?;
-            (ones, Tensor::zeros(c, DType::F32, x.device())?)
+            let ones = Tensor::ones(c, DType::F32, device)?;
+            (ones, Tensor::zeros(c, DType::F32, device)?)
         }
-    };
-    let op = BatchNormAct {
-        act: kernel_act,
-        eps: bn.eps() as f32,
-        stats: Arc::default(),
-    };
-    let stats = op.stats.clone();
-    let y = x.contiguous()?.apply_op3(&gamma, &beta, op)?;
-    let stats = read_stats(&stats)?;
-    update_running_stats(bn, &stats, bias, x.elem_count() / stats.mean.len())?;
-    Ok(y)
+    })
+}
+
+/// Training-mode batch norm + activation as the last stage of another op (see
+/// `conv_ops::conv_transpose2d_bn_act`): `batch_norm_act`'s kernels, with the scale and shift
+/// as one `[gamma, beta]` operand, and no op boundary between the producer's output and the
+/// norm, so that output gets no gradient buffer of its own in candle's backward.
+#[derive(Clone, Debug)]
+pub(super) struct NormStage {
+    norm: BatchNormAct,
+}
+
+impl NormStage {
+    /// The stage and its `[gamma, beta]` operand, where `batch_norm_act` would take its
+    /// kernels for `x` (`x`: an input like the producer's output).
+    pub(super) fn new(
+        x: &Tensor,
+        bn: &BatchNorm,
+        act: Activation,
+        leaky_slope: f64,
+        train: bool,
+    ) -> Result<Option<(Self, Tensor)>> {
+        let Some(norm) = BatchNormAct::for_training(x, bn, act, leaky_slope, train) else {
+            return Ok(None);
+        };
+        let (gamma, beta) = scale_shift(bn, train, x.device())?;
+        Ok(Some((Self { norm }, Tensor::cat(&[&gamma, &beta], 0)?)))
+    }
+
+    /// The normalised, activated `z` (dims `[B, C, ...]`).
+    pub(super) fn forward(&self, z: &[f32], dims: &[usize], gamma_beta: &[f32]) -> Vec<f32> {
+        let (gamma, beta) = gamma_beta.split_at(gamma_beta.len() / 2);
+        self.norm.normalize(z, dims, gamma, beta)
+    }
+
+    /// `dz` and `[dgamma, dbeta]` for the forward that took `z` and gave `y`.
+    pub(super) fn backward(
+        &self,
+        z: &Tensor,
+        y: &Tensor,
+        gamma_beta: &[f32],
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let gamma = &gamma_beta[..gamma_beta.len() / 2];
+        self.norm.gradients(z, y, gamma, grad)
+    }
+
+    /// After the forward: `bn`'s running statistics (see `batch_norm_act`).
+    pub(super) fn update_running_stats(
+        &self,
+        bn: &BatchNorm,
+        bias: Option<&Tensor>,
+        elems: usize,
+    ) -> Result<()> {
+        self.norm.update_running_stats(bn, bias, elems)
+    }
 }
 
 /// running = (1 - momentum) * running + momentum * batch, with the unbiased variance (as
@@ -427,11 +479,12 @@ fn update_running_stats(
     Ok(())
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct BatchNormAct {
     act: Act,
     eps: f32,
-    /// Written by the forward, read by the backward and the running-stat update.
+    /// Written by the forward, read by the backward and the running-stat update; clones share
+    /// it (an op is handed a clone, and its caller reads what the forward wrote).
     stats: Arc<Mutex<Option<BatchStats>>>,
 }
 
@@ -465,10 +518,70 @@ impl CustomOp3 for BatchNormAct {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (c, inner) = planes(l1.dims());
+        let (c, _) = planes(l1.dims());
         let x = f32_slice(s1, l1, l1.shape().elem_count())?;
-        let gamma = f32_slice(s2, l2, c)?;
-        let beta = f32_slice(s3, l3, c)?;
+        let y = self.normalize(x, l1.dims(), f32_slice(s2, l2, c)?, f32_slice(s3, l3, c)?);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgamma_beta) = self.gradients(x, y, &gamma.to_vec1()?, grad)?;
+        let c = gamma.elem_count();
+        Ok((
+            x.track_op().then_some(dx),
+            gamma
+                .track_op()
+                .then(|| dgamma_beta.narrow(0, 0, c))
+                .transpose()?,
+            beta.track_op()
+                .then(|| dgamma_beta.narrow(0, c, c))
+                .transpose()?,
+        ))
+    }
+}
+
+impl BatchNormAct {
+    /// The kernels' norm for a training forward of `x`; None where they do not apply (an
+    /// evaluation forward, an activation they lack, a tensor off their path).
+    fn for_training(
+        x: &Tensor,
+        bn: &BatchNorm,
+        act: Activation,
+        leaky_slope: f64,
+        train: bool,
+    ) -> Option<Self> {
+        let act = Act::new(act, leaky_slope)?;
+        (train && takes_fast_path(x)).then(|| Self {
+            act,
+            eps: bn.eps() as f32,
+            stats: Arc::default(),
+        })
+    }
+
+    /// After the forward: `bn`'s running statistics from the batch's, for an input of `elems`
+    /// elements.
+    fn update_running_stats(
+        &self,
+        bn: &BatchNorm,
+        bias: Option<&Tensor>,
+        elems: usize,
+    ) -> Result<()> {
+        let stats = read_stats(&self.stats)?;
+        let count = elems / stats.mean.len();
+        update_running_stats(bn, &stats, bias, count)
+    }
+
+    /// `act(gamma * xhat + beta)` of `x` (dims `[B, C, ...]`) with its batch statistics, which
+    /// it records for the backward and the running-stat update.
+    fn normalize(&self, x: &[f32], dims: &[usize], gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+        let (c, inner) = planes(dims);
         let count = (x.len() / c) as f32;
         // Two passes per channel (mean, then squared deviations): no cancellation.
         let (mean, var): (Vec<f32>, Vec<f32>) = (0..c)
@@ -496,33 +609,28 @@ impl CustomOp3 for BatchNormAct {
         });
         *self.stats.lock().unwrap_or_else(PoisonError::into_inner) =
             Some(BatchStats { mean, var, inv_std });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        y
     }
 
-    fn bwd(
+    /// Gradients of the forward that read `x` and gave `y`, for the output gradient `grad`:
+    /// `dx` and `[dgamma, dbeta]` ([2C]).
+    fn gradients(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
         y: &Tensor,
+        gamma: &[f32],
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Tensor, Tensor)> {
         let op = BatchNormActGrad {
             act: self.act,
             stats: read_stats(&self.stats)?,
-            gamma: gamma.to_vec1()?,
+            gamma: gamma.to_vec(),
         };
         // One buffer holds [dx (B*C*inner), dgamma (C), dbeta (C)]: a custom op has one output.
         let packed = x.apply_op3_no_bwd(y, &grad.contiguous()?, &op)?;
-        let (n, c) = (x.elem_count(), gamma.elem_count());
+        let n = x.elem_count();
         let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, n, c)?;
-        let dbeta = packed.narrow(0, n + c, c)?;
-        Ok((
-            x.track_op().then_some(dx),
-            gamma.track_op().then_some(dgamma),
-            beta.track_op().then_some(dbeta),
-        ))
+        Ok((dx, packed.narrow(0, n, 2 * gamma.len())?))
     }
 }
 
@@ -695,37 +803,12 @@ mod tests {
         );
     }
 
-    /// A batch norm over `channels` with random scale and shift (and running stats), built
-    /// twice from the same values: one for the fused op, one for candle's own.
-    fn batch_norms(channels: usize) -> [(VarMap, BatchNorm); 2] {
-        std::array::from_fn(|_| {
-            let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-            let bn = candle_nn::batch_norm(channels, BatchNormConfig::default(), vb).unwrap();
-            let data = varmap.data().lock().unwrap();
-            for (name, seed) in [
-                ("weight", 21),
-                ("bias", 22),
-                ("running_mean", 23),
-                ("running_var", 24),
-            ] {
-                let mut v = input(1, 1, 1, channels, seed).flatten_all().unwrap();
-                if name == "running_var" || name == "weight" {
-                    v = (v.abs().unwrap() + 0.5).unwrap();
-                }
-                data[name].set(&v).unwrap();
-            }
-            drop(data);
-            (varmap, bn)
-        })
-    }
-
     #[test]
     fn batch_norm_act_matches_candle_batch_norm_with_gradients() {
         for (shape, seed) in [([4, 6, 5, 3], 1), ([8, 3, 1, 1], 2), ([2, 5, 7, 7], 3)] {
             for act in [Activation::None, Activation::Relu, Activation::LeakyRelu] {
                 let what = format!("{act:?} {shape:?}");
-                let [(fused_map, fused_bn), (ref_map, ref_bn)] = batch_norms(shape[1]);
+                let [(fused_map, fused_bn), (ref_map, ref_bn)] = testing::batch_norms(shape[1]);
                 // Scaled and shifted so the statistics are not those of a standard normal.
                 let x = ((input(shape[0], shape[1], shape[2], shape[3], seed) * 3.0).unwrap()
                     + 2.0)
@@ -753,22 +836,12 @@ mod tests {
                     g_ref.get(&xv).unwrap(),
                     &format!("{what} dx"),
                 );
-                let (fw, fb) = fused_bn.weight_and_bias().unwrap();
-                let (rw, rb) = ref_bn.weight_and_bias().unwrap();
-                assert_close(
-                    g_fused.get(fw).unwrap(),
-                    g_ref.get(rw).unwrap(),
-                    &format!("{what} dgamma"),
+                testing::assert_batch_norms_close(
+                    (&fused_map, &fused_bn, &g_fused),
+                    (&ref_map, &ref_bn, &g_ref),
+                    2e-5,
+                    &what,
                 );
-                assert_close(
-                    g_fused.get(fb).unwrap(),
-                    g_ref.get(rb).unwrap(),
-                    &format!("{what} dbeta"),
-                );
-                for name in ["running_mean", "running_var"] {
-                    let get = |m: &VarMap| m.data().lock().unwrap()[name].as_tensor().clone();
-                    assert_close(&get(&fused_map), &get(&ref_map), &format!("{what} {name}"));
-                }
             }
         }
     }
@@ -801,7 +874,7 @@ mod tests {
 
     #[test]
     fn batch_norm_act_in_evaluation_uses_running_statistics() {
-        let [(_, fused_bn), (_, ref_bn)] = batch_norms(4);
+        let [(_, fused_bn), (_, ref_bn)] = testing::batch_norms(4);
         let x = input(3, 4, 2, 2, 8);
         let y = batch_norm_act(&x, None, &fused_bn, Activation::Relu, 0.1, false).unwrap();
         let want = candle_nn::ModuleT::forward_t(&ref_bn, &x, false)

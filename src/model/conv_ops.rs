@@ -29,13 +29,15 @@
 //! candle's own ops.
 
 use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use crate::config::Activation;
+use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
-use super::channel_ops::{self, Epilogue};
+use super::channel_ops::{self, Epilogue, NormStage};
 use super::cpu_storage::{f32_slice, with_f32_data};
 use super::matmul::{matmul, matmul_on, MatRef};
 use super::scratch::ScratchBuf;
@@ -112,18 +114,45 @@ pub fn conv_transpose2d(
     }
     let x = x.contiguous()?;
     let w = w.contiguous()?;
-    let (_, _, h, wd) = x.dims4()?;
-    let (_, _, k, _) = w.dims4()?;
-    let img_h = transposed_len(h, k, stride, padding)?;
-    let img_w = transposed_len(wd, k, stride, padding)?;
-    let op = ConvTranspose2dOp {
-        stride,
-        padding,
-        img_h,
-        img_w,
-    };
-    ConvGeom::for_conv_transpose2d(x.dims(), w.dims(), &op)?;
+    let op = ConvTranspose2dOp::new(&x, &w, stride, padding)?;
     x.apply_op2(&w, op)
+}
+
+/// `act(batch_norm(conv_transpose2d(x, w) + bias))` (see `channel_ops::batch_norm_act`) with
+/// the training-mode norm inside the convolution's op: the convolution's output is kept by the
+/// op for the norm's backward instead of becoming a tensor of the graph, which would get a
+/// zeroed gradient buffer and an add in candle's backward (a G layer's whole activation).
+/// Anything the fused kernels do not take (evaluation, other devices) composes the two.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_transpose2d_bn_act(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    bias: &Tensor,
+    bn: &BatchNorm,
+    act: Activation,
+    leaky_slope: f64,
+    train: bool,
+) -> candle_core::Result<Tensor> {
+    let stage = match use_fast_path(x, w) {
+        true => NormStage::new(x, bn, act, leaky_slope, train)?,
+        false => None,
+    };
+    let Some((norm, gamma_beta)) = stage else {
+        let z = conv_transpose2d(x, w, stride, padding)?;
+        return channel_ops::batch_norm_act(&z, Some(bias), bn, act, leaky_slope, train);
+    };
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let op = ConvTransposeNormOp {
+        conv: ConvTranspose2dOp::new(&x, &w, stride, padding)?,
+        norm: norm.clone(),
+        kept: Mutex::new(None),
+    };
+    let y = x.apply_op3(&w, &gamma_beta, op)?;
+    norm.update_running_stats(bn, Some(bias), y.elem_count())?;
+    Ok(y)
 }
 
 /// The custom kernels only handle f32 on the CPU; other cases keep candle's implementation.
@@ -485,6 +514,22 @@ struct ConvTranspose2dOp {
     img_w: usize,
 }
 
+impl ConvTranspose2dOp {
+    /// The op for `x` [B, Cin, H, W] and `w` [Cin, Cout, k, k], its geometry checked.
+    fn new(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Self> {
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, k, _) = w.dims4()?;
+        let op = Self {
+            stride,
+            padding,
+            img_h: transposed_len(h, k, stride, padding)?,
+            img_w: transposed_len(wd, k, stride, padding)?,
+        };
+        ConvGeom::for_conv_transpose2d(x.dims(), w.dims(), &op)?;
+        Ok(op)
+    }
+}
+
 impl CustomOp2 for ConvTranspose2dOp {
     fn name(&self) -> &'static str {
         "sagan-conv-transpose2d"
@@ -545,6 +590,62 @@ impl CustomOp2 for ConvTranspose2dOp {
             conv_transpose_backward(&geom, data, wanted)
         })??;
         Ok((tensor_like(grads.dx, x)?, tensor_like(grads.dw, w)?))
+    }
+}
+
+/// `conv_transpose2d_bn_act`'s op: `(x, w, [gamma, beta])` to the normalised, activated output.
+struct ConvTransposeNormOp {
+    conv: ConvTranspose2dOp,
+    norm: NormStage,
+    /// The convolution's output, from the forward, for the norm's backward.
+    kept: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp3 for ConvTransposeNormOp {
+    fn name(&self) -> &'static str {
+        "sagan-conv-transpose2d-bn-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(z), shape) = self.conv.cpu_fwd(s1, l1, s2, l2)? else {
+            candle_core::bail!("conv-transpose + batch norm: the convolution gave no f32 data");
+        };
+        let gamma_beta = f32_slice(s3, l3, 2 * shape.dims()[1])?;
+        let y = self.norm.forward(&z, shape.dims(), gamma_beta);
+        let z = Tensor::from_vec(z, shape.clone(), &Device::Cpu)?;
+        *self.kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(z);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gamma_beta: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let z = self
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg(
+                    "conv-transpose + batch norm: backward before forward".into(),
+                )
+            })?;
+        let (dz, dgamma_beta) = self.norm.backward(&z, y, &gamma_beta.to_vec1()?, grad)?;
+        let (dx, dw) = self.conv.bwd(x, w, &z, &dz)?;
+        Ok((dx, dw, gamma_beta.track_op().then_some(dgamma_beta)))
     }
 }
 
@@ -1399,6 +1500,7 @@ fn col2im_scatter(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing;
     use candle_core::Var;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
@@ -1800,6 +1902,46 @@ mod tests {
             let (want_x, want_w) = grads(candle_conv_t, &x, &w, c);
             assert_close(&gx, &want_x, &format!("grad x {c:?}"));
             assert_close(&gw, &want_w, &format!("grad w {c:?}"));
+        }
+    }
+
+    #[test]
+    fn transposed_conv_with_batch_norm_matches_the_separate_ops() {
+        // The whole-image kernel (dense path), the 4x4 / stride-2 kernels, a general one.
+        for (i, c) in [CONV_T_CASES[1], CONV_T_CASES[2], CONV_T_CASES[5]]
+            .iter()
+            .enumerate()
+        {
+            for act in [Activation::Relu, Activation::LeakyRelu] {
+                let what = format!("{c:?} {act:?}");
+                let (x, w) = conv_t_inputs(c, i as u64 * 10 + 3);
+                let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+                let bias = randn(&[c.cout], 8);
+                let [(fused_map, fused_bn), (ref_map, ref_bn)] = testing::batch_norms(c.cout);
+                let fused =
+                    conv_transpose2d_bn_act(&xv, &wv, c.s, c.p, &bias, &fused_bn, act, 0.1, true)
+                        .unwrap();
+                let z = conv_transpose2d(&xv, &wv, c.s, c.p).unwrap();
+                let reference =
+                    channel_ops::batch_norm_act(&z, Some(&bias), &ref_bn, act, 0.1, true).unwrap();
+                assert_close(&fused, &reference, &format!("{what} forward"));
+                let r = randn(fused.dims(), 9);
+                let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let (g_fused, g_ref) = (grads(&fused), grads(&reference));
+                for (var, name) in [(&xv, "x"), (&wv, "w")] {
+                    assert_close(
+                        g_fused.get(var).unwrap(),
+                        g_ref.get(var).unwrap(),
+                        &format!("{what} d{name}"),
+                    );
+                }
+                testing::assert_batch_norms_close(
+                    (&fused_map, &fused_bn, &g_fused),
+                    (&ref_map, &ref_bn, &g_ref),
+                    1e-4,
+                    &what,
+                );
+            }
         }
     }
 

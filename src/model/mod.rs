@@ -215,14 +215,7 @@ impl LayerStack {
                     batch_norm,
                     act,
                 } => match batch_norm {
-                    Some(bn) => channel_ops::batch_norm_act(
-                        &conv.forward_unbiased(&x, train)?,
-                        Some(conv.bias()),
-                        bn,
-                        *act,
-                        self.leaky_slope,
-                        train,
-                    )?,
+                    Some(bn) => conv.forward_bn_act(&x, bn, *act, self.leaky_slope, train)?,
                     None => conv.forward_act(&x, *act, self.leaky_slope, train)?,
                 },
                 Layer::Attention(attention) => match maps.as_deref_mut() {

@@ -8,7 +8,7 @@
 use super::spectral_norm_ops;
 use crate::config::Activation;
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::{BatchNorm, Init, VarBuilder};
 
 const EPS: f64 = 1e-12;
 
@@ -222,6 +222,42 @@ impl SNConv2d {
         }
         let y = self.forward_unbiased(x, train)?;
         super::channel_ops::bias_act(&y, Some(&bias), act, leaky_slope)
+    }
+
+    /// `act(batch_norm(conv(x) + bias))`; a transposed convolution's training-mode norm runs
+    /// inside its op (see `conv_ops::conv_transpose2d_bn_act`).
+    pub fn forward_bn_act(
+        &self,
+        x: &Tensor,
+        bn: &BatchNorm,
+        act: Activation,
+        leaky_slope: f64,
+        train: bool,
+    ) -> Result<Tensor> {
+        if self.kind == ConvKind::Conv {
+            let z = self.forward_unbiased(x, train)?;
+            return super::channel_ops::batch_norm_act(
+                &z,
+                Some(&self.bias),
+                bn,
+                act,
+                leaky_slope,
+                train,
+            );
+        }
+        let w = self.sn.weight(train)?;
+        let (stride, padding) = (self.stride, self.padding);
+        super::conv_ops::conv_transpose2d_bn_act(
+            x,
+            &w,
+            stride,
+            padding,
+            &self.bias,
+            bn,
+            act,
+            leaky_slope,
+            train,
+        )
     }
 
     /// The convolution without its bias, for callers that fuse the bias into what follows.
