@@ -389,7 +389,11 @@ pub fn batch_norm_act(
 
 /// `bn`'s scale and shift as a forward uses them; a norm without them has the constants 1 and
 /// 0, which the graph does not track.
-fn scale_shift(bn: &BatchNorm, train: bool, device: &Device) -> Result<(Tensor, Tensor)> {
+pub(super) fn scale_shift(
+    bn: &BatchNorm,
+    train: bool,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     Ok(match bn.weight_and_bias() {
         Some((gamma, beta)) => (super::param(gamma, train), super::param(beta, train)),
         None => {
@@ -400,87 +404,10 @@ fn scale_shift(bn: &BatchNorm, train: bool, device: &Device) -> Result<(Tensor, 
     })
 }
 
-/// Training-mode batch norm + activation as the last stage of another op (see
-/// `conv_ops::conv_transpose2d_bn_act`): `batch_norm_act`'s kernels, with the scale and shift
-/// as one `[gamma, beta]` operand, and no op boundary between the producer's output and the
-/// norm, so that output gets no gradient buffer of its own in candle's backward.
+/// Training-mode batch norm + activation: the op of `batch_norm_act`, and the last stage of
+/// `conv_ops::conv_transpose2d_bn_act`'s op.
 #[derive(Clone, Debug)]
-pub(super) struct NormStage {
-    norm: BatchNormAct,
-}
-
-impl NormStage {
-    /// The stage and its `[gamma, beta]` operand, where `batch_norm_act` would take its
-    /// kernels for `x` (`x`: an input like the producer's output).
-    pub(super) fn new(
-        x: &Tensor,
-        bn: &BatchNorm,
-        act: Activation,
-        leaky_slope: f64,
-        train: bool,
-    ) -> Result<Option<(Self, Tensor)>> {
-        let Some(norm) = BatchNormAct::for_training(x, bn, act, leaky_slope, train) else {
-            return Ok(None);
-        };
-        let (gamma, beta) = scale_shift(bn, train, x.device())?;
-        Ok(Some((Self { norm }, Tensor::cat(&[&gamma, &beta], 0)?)))
-    }
-
-    /// The normalised, activated `z` (dims `[B, C, ...]`).
-    pub(super) fn forward(&self, z: &[f32], dims: &[usize], gamma_beta: &[f32]) -> Vec<f32> {
-        let (gamma, beta) = gamma_beta.split_at(gamma_beta.len() / 2);
-        self.norm.normalize(z, dims, gamma, beta)
-    }
-
-    /// `dz` and `[dgamma, dbeta]` for the forward that took `z` and gave `y`.
-    pub(super) fn backward(
-        &self,
-        z: &Tensor,
-        y: &Tensor,
-        gamma_beta: &[f32],
-        grad: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let gamma = &gamma_beta[..gamma_beta.len() / 2];
-        self.norm.gradients(z, y, gamma, grad)
-    }
-
-    /// After the forward: `bn`'s running statistics (see `batch_norm_act`).
-    pub(super) fn update_running_stats(
-        &self,
-        bn: &BatchNorm,
-        bias: Option<&Tensor>,
-        elems: usize,
-    ) -> Result<()> {
-        self.norm.update_running_stats(bn, bias, elems)
-    }
-}
-
-/// running = (1 - momentum) * running + momentum * batch, with the unbiased variance (as
-/// candle's and PyTorch's batch norms do).
-fn update_running_stats(
-    bn: &BatchNorm,
-    stats: &BatchStats,
-    bias: Option<&Tensor>,
-    count: usize,
-) -> Result<()> {
-    let momentum = bn.momentum();
-    let device = bn.running_mean().device();
-    let c = stats.mean.len();
-    let mut mean = Tensor::from_slice(&stats.mean, c, device)?;
-    if let Some(bias) = bias {
-        mean = (mean + bias.detach())?;
-    }
-    let unbiased = count as f64 / (count.max(2) - 1) as f64;
-    let var = (Tensor::from_slice(&stats.var, c, device)? * unbiased)?;
-    for (running, batch) in [(bn.running_mean(), mean), (bn.running_var(), var)] {
-        let updated = ((running * (1.0 - momentum))? + (batch * momentum)?)?;
-        Var::from_tensor(running)?.set(&updated)?;
-    }
-    Ok(())
-}
-
-#[derive(Clone, Debug)]
-struct BatchNormAct {
+pub(super) struct BatchNormAct {
     act: Act,
     eps: f32,
     /// Written by the forward, read by the backward and the running-stat update; clones share
@@ -550,7 +477,7 @@ impl CustomOp3 for BatchNormAct {
 impl BatchNormAct {
     /// The kernels' norm for a training forward of `x`; None where they do not apply (an
     /// evaluation forward, an activation they lack, a tensor off their path).
-    fn for_training(
+    pub(super) fn for_training(
         x: &Tensor,
         bn: &BatchNorm,
         act: Activation,
@@ -565,22 +492,42 @@ impl BatchNormAct {
         })
     }
 
-    /// After the forward: `bn`'s running statistics from the batch's, for an input of `elems`
-    /// elements.
-    fn update_running_stats(
+    /// After the forward of an input of `elems` elements: `bn`'s running statistics,
+    /// running = (1 - momentum) * running + momentum * batch, with the unbiased variance (as
+    /// candle's and PyTorch's batch norms do).
+    pub(super) fn update_running_stats(
         &self,
         bn: &BatchNorm,
         bias: Option<&Tensor>,
         elems: usize,
     ) -> Result<()> {
         let stats = read_stats(&self.stats)?;
-        let count = elems / stats.mean.len();
-        update_running_stats(bn, &stats, bias, count)
+        let momentum = bn.momentum();
+        let device = bn.running_mean().device();
+        let c = stats.mean.len();
+        let mut mean = Tensor::from_slice(&stats.mean, c, device)?;
+        if let Some(bias) = bias {
+            mean = (mean + bias.detach())?;
+        }
+        let count = elems / c;
+        let unbiased = count as f64 / (count.max(2) - 1) as f64;
+        let var = (Tensor::from_slice(&stats.var, c, device)? * unbiased)?;
+        for (running, batch) in [(bn.running_mean(), mean), (bn.running_var(), var)] {
+            let updated = ((running * (1.0 - momentum))? + (batch * momentum)?)?;
+            Var::from_tensor(running)?.set(&updated)?;
+        }
+        Ok(())
     }
 
     /// `act(gamma * xhat + beta)` of `x` (dims `[B, C, ...]`) with its batch statistics, which
     /// it records for the backward and the running-stat update.
-    fn normalize(&self, x: &[f32], dims: &[usize], gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+    pub(super) fn normalize(
+        &self,
+        x: &[f32],
+        dims: &[usize],
+        gamma: &[f32],
+        beta: &[f32],
+    ) -> Vec<f32> {
         let (c, inner) = planes(dims);
         let count = (x.len() / c) as f32;
         // Two passes per channel (mean, then squared deviations): no cancellation.
@@ -614,7 +561,7 @@ impl BatchNormAct {
 
     /// Gradients of the forward that read `x` and gave `y`, for the output gradient `grad`:
     /// `dx` and `[dgamma, dbeta]` ([2C]).
-    fn gradients(
+    pub(super) fn gradients(
         &self,
         x: &Tensor,
         y: &Tensor,

@@ -37,7 +37,7 @@ use crate::config::Activation;
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
-use super::channel_ops::{self, Epilogue, NormStage};
+use super::channel_ops::{self, BatchNormAct, Epilogue};
 use super::cpu_storage::{f32_slice, with_f32_data};
 use super::matmul::{matmul, matmul_on, MatRef};
 use super::scratch::ScratchBuf;
@@ -135,14 +135,17 @@ pub fn conv_transpose2d_bn_act(
     leaky_slope: f64,
     train: bool,
 ) -> candle_core::Result<Tensor> {
-    let stage = match use_fast_path(x, w) {
-        true => NormStage::new(x, bn, act, leaky_slope, train)?,
+    let norm = match use_fast_path(x, w) {
+        true => BatchNormAct::for_training(x, bn, act, leaky_slope, train),
         false => None,
     };
-    let Some((norm, gamma_beta)) = stage else {
+    let Some(norm) = norm else {
         let z = conv_transpose2d(x, w, stride, padding)?;
         return channel_ops::batch_norm_act(&z, Some(bias), bn, act, leaky_slope, train);
     };
+    // The op has three operands: the norm's scale and shift travel as one.
+    let (gamma, beta) = channel_ops::scale_shift(bn, train, x.device())?;
+    let gamma_beta = Tensor::cat(&[&gamma, &beta], 0)?;
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     let op = ConvTransposeNormOp {
@@ -596,7 +599,7 @@ impl CustomOp2 for ConvTranspose2dOp {
 /// `conv_transpose2d_bn_act`'s op: `(x, w, [gamma, beta])` to the normalised, activated output.
 struct ConvTransposeNormOp {
     conv: ConvTranspose2dOp,
-    norm: NormStage,
+    norm: BatchNormAct,
     /// The convolution's output, from the forward, for the norm's backward.
     kept: Mutex<Option<Tensor>>,
 }
@@ -618,8 +621,9 @@ impl CustomOp3 for ConvTransposeNormOp {
         let (CpuStorage::F32(z), shape) = self.conv.cpu_fwd(s1, l1, s2, l2)? else {
             candle_core::bail!("conv-transpose + batch norm: the convolution gave no f32 data");
         };
-        let gamma_beta = f32_slice(s3, l3, 2 * shape.dims()[1])?;
-        let y = self.norm.forward(&z, shape.dims(), gamma_beta);
+        let c = shape.dims()[1];
+        let (gamma, beta) = f32_slice(s3, l3, 2 * c)?.split_at(c);
+        let y = self.norm.normalize(&z, shape.dims(), gamma, beta);
         let z = Tensor::from_vec(z, shape.clone(), &Device::Cpu)?;
         *self.kept.lock().unwrap_or_else(PoisonError::into_inner) = Some(z);
         Ok((CpuStorage::F32(y), shape))
@@ -643,7 +647,8 @@ impl CustomOp3 for ConvTransposeNormOp {
                     "conv-transpose + batch norm: backward before forward".into(),
                 )
             })?;
-        let (dz, dgamma_beta) = self.norm.backward(&z, y, &gamma_beta.to_vec1()?, grad)?;
+        let gamma = gamma_beta.narrow(0, 0, gamma_beta.elem_count() / 2)?;
+        let (dz, dgamma_beta) = self.norm.gradients(&z, y, &gamma.to_vec1()?, grad)?;
         let (dx, dw) = self.conv.bwd(x, w, &z, &dz)?;
         Ok((dx, dw, gamma_beta.track_op().then_some(dgamma_beta)))
     }
