@@ -81,10 +81,6 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// Multiply-adds below which a product runs on the calling thread alone: splitting it costs
-/// more than it saves (D's 7x7 logit conv, 0.8 M multiply-adds: 7 GFLOP/s per thread split).
-const PARALLEL_MIN_MACS: usize = 1 << 22;
-
 /// `dst [a.rows, b.cols] (row-major) = a x b`, or `+= a x b` when `accumulate`. Uses all rayon
 /// threads: for callers that hand it one large product (a chunk of the batch side by side).
 pub(super) fn matmul(
@@ -94,7 +90,7 @@ pub(super) fn matmul(
     accumulate: bool,
 ) -> candle_core::Result<()> {
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && a.rows * b.cols * a.cols >= PARALLEL_MIN_MACS {
+    let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -161,10 +157,6 @@ fn gemm_into(
         }
         return Ok(());
     }
-    if k == 1 {
-        outer_product(dst, a, b, accumulate);
-        return Ok(());
-    }
     let row_major_b;
     let b = if packs_slowly(m, n, k, &b) {
         row_major_b = b.to_row_major();
@@ -201,21 +193,6 @@ fn gemm_into(
     Ok(())
 }
 
-/// `dst = a x b` (`+=` when `accumulate`) for an inner dimension of 1: one pass of writes,
-/// where gemm's blocking ran at 0.9 GFLOP/s per thread (D's 7x7 logit conv's input gradient,
-/// 128 x 6272).
-fn outer_product(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
-    let n = b.cols;
-    for (i, row) in dst.chunks_exact_mut(n).enumerate() {
-        let ai = a.data[i * a.rs];
-        let b_row = (0..n).map(|j| b.data[j * b.cs]);
-        match accumulate {
-            true => row.iter_mut().zip(b_row).for_each(|(d, bj)| *d += ai * bj),
-            false => row.iter_mut().zip(b_row).for_each(|(d, bj)| *d = ai * bj),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,7 +212,7 @@ mod tests {
     #[test]
     fn column_major_right_operands_multiply_like_row_major_ones() {
         // (m, n, k): the first two and the fourth take the row-major copy, the third (k <= 256)
-        // and the fifth (large m and n) gemm's own packing, the last the outer product.
+        // and the last two (large m and n; an inner dimension of 1) gemm's own packing.
         for (m, n, k) in [
             (8, 48, 300),
             (70, 33, 517),

@@ -17,8 +17,9 @@ pub fn configure(threads: Option<usize>) -> Result<usize> {
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     // Every heavy kernel runs on rayon's pool; candle's own pool only splits its small
     // elementwise ops (gradient sums), and its workers spin ~0.5 ms after each op, taking a
-    // core from rayon's threads: on 2 cores, 2.3 % of a step's samples were that spin and
-    // sagan-mnist28 trains 3-4 % faster with candle's ops on the calling thread alone.
+    // core from rayon's threads: on 2 cores, 2.3 % of a step's samples were that spin;
+    // with candle's ops on the calling thread alone sagan-mnist28 trained 0-4 % faster
+    // (three interleaved runs).
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
