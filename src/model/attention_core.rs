@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 
 use super::cpu_storage::f32_slice;
+use super::handoff;
 use super::matmul::{matmul_on, MatRef};
 use super::softmax::{softmax_grad_in_place, softmax_in_place};
 
@@ -109,8 +110,12 @@ fn attention_core_keeping(
         keep: tracked && geom.kept_bytes() <= keep_budget,
         kept: Mutex::new(None),
     };
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &params.contiguous()?, op)
+    handoff::apply_op3(
+        &x.contiguous()?,
+        &w.contiguous()?,
+        &params.contiguous()?,
+        op,
+    )
 }
 
 /// Whether the fused kernels can run on `x`.

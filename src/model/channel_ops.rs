@@ -18,6 +18,7 @@ use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
 use super::cpu_storage::f32_slice;
+use super::handoff;
 use super::simd::vectorized;
 use super::vector_math::{lane_sum, lane_sum3};
 use crate::config::Activation;
@@ -131,7 +132,7 @@ pub fn bias_act(
                 // A constant: the graph does not track it, so it gets no gradient.
                 None => Tensor::zeros(x.dim(1)?, DType::F32, x.device())?,
             };
-            x.apply_op2(&bias, BiasAct { act })
+            handoff::apply_op2(&x, &bias, BiasAct { act })
         }
         _ => {
             let y = match bias {
@@ -382,7 +383,7 @@ pub fn batch_norm_act(
         );
     };
     let (gamma, beta) = scale_shift(bn, train, x.device())?;
-    let y = x.contiguous()?.apply_op3(&gamma, &beta, norm.clone())?;
+    let y = handoff::apply_op3(&x.contiguous()?, &gamma, &beta, norm.clone())?;
     norm.update_running_stats(bn, bias, x.elem_count())?;
     Ok(y)
 }

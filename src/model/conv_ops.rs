@@ -39,6 +39,7 @@ use rayon::prelude::*;
 
 use super::channel_ops::{self, BatchNormAct, Epilogue};
 use super::cpu_storage::{f32_slice, with_f32_data};
+use super::handoff;
 use super::matmul::{matmul, matmul_on, MatRef};
 use super::scratch::ScratchBuf;
 use super::simd::vectorized;
@@ -60,7 +61,7 @@ pub fn conv2d(
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     ConvGeom::for_conv2d(x.dims(), w.dims(), stride, padding)?;
-    x.apply_op2(&w, Conv2dOp { stride, padding })
+    handoff::apply_op2(&x, &w, Conv2dOp { stride, padding })
 }
 
 /// `act(conv2d(x, w) + bias)` as one op: the bias and activation are applied to each output
@@ -95,7 +96,7 @@ pub fn conv2d_bias_act(
         conv: Conv2dOp { stride, padding },
         epilogue,
     };
-    x.apply_op3(&w, &bias.contiguous()?, op)
+    handoff::apply_op3(&x, &w, &bias.contiguous()?, op)
 }
 
 /// Transposed convolution without bias. `x` is `[B, Cin, H, W]`, `w` is `[Cin, Cout, k, k]`
@@ -115,7 +116,7 @@ pub fn conv_transpose2d(
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     let op = ConvTranspose2dOp::new(&x, &w, stride, padding)?;
-    x.apply_op2(&w, op)
+    handoff::apply_op2(&x, &w, op)
 }
 
 /// `act(batch_norm(conv_transpose2d(x, w) + bias))` (see `channel_ops::batch_norm_act`) with
@@ -153,7 +154,7 @@ pub fn conv_transpose2d_bn_act(
         norm: norm.clone(),
         kept: Mutex::new(None),
     };
-    let y = x.apply_op3(&w, &gamma_beta, op)?;
+    let y = handoff::apply_op3(&x, &w, &gamma_beta, op)?;
     norm.update_running_stats(bn, Some(bias), y.elem_count())?;
     Ok(y)
 }

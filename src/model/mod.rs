@@ -9,6 +9,7 @@ pub mod conv_ops;
 pub(crate) mod cpu_storage;
 pub mod discriminator;
 pub mod generator;
+mod handoff;
 mod matmul;
 pub mod resnet;
 mod scratch;
@@ -54,6 +55,19 @@ pub enum Layer {
         act: Activation,
     },
     ProjectionHead(ProjectionHead),
+}
+
+impl Layer {
+    /// Whether the layer applies only sagan's own ops to its input and what it makes of it, so
+    /// that gradients can pass it by hand-off (see `handoff`). The attention map's forward and
+    /// the pooled block's residual use candle's ops.
+    fn hands_off_gradients(&self, returns_maps: bool) -> bool {
+        match self {
+            Layer::Conv { .. } => true,
+            Layer::Attention(attention) => !returns_maps && !attention.is_pooled(),
+            _ => false,
+        }
+    }
 }
 
 /// The layers of G or D in order, as the preset lists them. Weights are named
@@ -200,6 +214,9 @@ impl LayerStack {
         self.run(x, classes, train, None)
     }
 
+    /// The layers in turn, with gradients handed from op to op past candle's gradient store
+    /// (`handoff`) through runs of layers made only of sagan's ops; a layer that uses candle's
+    /// ops gets its input as a plain tensor, and so does the caller the result.
     fn run(
         &self,
         x: &Tensor,
@@ -207,43 +224,62 @@ impl LayerStack {
         train: bool,
         mut maps: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let mut x = x.clone();
-        for layer in &self.layers {
-            x = match layer {
-                Layer::Conv {
-                    conv,
-                    batch_norm,
-                    act,
-                } => match batch_norm {
-                    Some(bn) => conv.forward_bn_act(&x, bn, *act, self.leaky_slope, train)?,
-                    None => conv.forward_act(&x, *act, self.leaky_slope, train)?,
-                },
-                Layer::Attention(attention) => match maps.as_deref_mut() {
-                    Some(maps) => {
-                        let (y, map) = attention.forward_with_map(&x, train)?;
-                        maps.push(map);
-                        y
+        handoff::run(true, || {
+            let mut x = x.clone();
+            for layer in &self.layers {
+                let maps = maps.as_deref_mut();
+                x = match layer.hands_off_gradients(maps.is_some()) {
+                    true => self.forward_layer(layer, &x, classes, train, maps)?,
+                    false => {
+                        let x = handoff::bridge(&x)?;
+                        handoff::run(false, || {
+                            self.forward_layer(layer, &x, classes, train, maps)
+                        })?
                     }
-                    None => attention.forward_t(&x, train)?,
-                },
-                Layer::Linear { linear, shape } => {
-                    let b = x.dim(0)?;
-                    linear
-                        .forward_t(&x.flatten_from(1)?, train)?
-                        .reshape((b, shape.0, shape.1, shape.2))?
+                };
+            }
+            handoff::bridge(&x)
+        })
+    }
+
+    fn forward_layer(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        classes: Option<&Tensor>,
+        train: bool,
+        maps: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        Ok(match layer {
+            Layer::Conv {
+                conv,
+                batch_norm,
+                act,
+            } => match batch_norm {
+                Some(bn) => conv.forward_bn_act(x, bn, *act, self.leaky_slope, train)?,
+                None => conv.forward_act(x, *act, self.leaky_slope, train)?,
+            },
+            Layer::Attention(attention) => match maps {
+                Some(maps) => {
+                    let (y, map) = attention.forward_with_map(x, train)?;
+                    maps.push(map);
+                    y
                 }
-                Layer::GeneratorBlock(block) => block.forward(&x, classes, train)?,
-                Layer::DiscriminatorBlock(block) => block.forward(&x, train)?,
-                Layer::Norm { norm, act } => channel_ops::bias_act(
-                    &norm.forward(&x, None, train)?,
-                    None,
-                    *act,
-                    self.leaky_slope,
-                )?,
-                Layer::ProjectionHead(head) => head.forward(&x, classes, train)?,
-            };
-        }
-        Ok(x)
+                None => attention.forward_t(x, train)?,
+            },
+            Layer::Linear { linear, shape } => {
+                let b = x.dim(0)?;
+                linear
+                    .forward_t(&x.flatten_from(1)?, train)?
+                    .reshape((b, shape.0, shape.1, shape.2))?
+            }
+            Layer::GeneratorBlock(block) => block.forward(x, classes, train)?,
+            Layer::DiscriminatorBlock(block) => block.forward(x, train)?,
+            Layer::Norm { norm, act } => {
+                channel_ops::bias_act(&norm.forward(x, None, train)?, None, *act, self.leaky_slope)?
+            }
+            Layer::ProjectionHead(head) => head.forward(x, classes, train)?,
+        })
     }
 
     /// Every attention layer's index in the stack and its gamma, in order.
