@@ -3,28 +3,33 @@
 //!
 //! candle's backward gives every tensor that a gradient reaches a zeroed buffer of its size and
 //! adds the gradient onto it (`GradStore::or_insert`, then `add`), on one thread: for a layer
-//! stack's activations that is two extra passes over every one of them per step. Handing them
-//! off trained sagan-mnist28 1.7-4.4 % and sagan64 5 % faster (interleaved runs).
+//! stack's activations, and for the spectrally normalised weights (G's first is 6.4 MB on
+//! sagan-mnist28), that is two extra passes over every one of them per step. Handing them off
+//! trained sagan-mnist28 1.7-4.4 % faster and sagan64 5 % (activations; interleaved runs), and
+//! the weights ~1 % more.
 //!
-//! Inside `run`, each op applied through `apply_op2` / `apply_op3` whose output is tracked
-//! also gets a one-element *token*, a node of candle's graph whose operands are the previous
-//! op's token (or the real input, at the start of a chain) and the op's parameters. The loss
-//! reaches the stack's output through `bridge`, which continues the graph from the last token,
-//! so candle walks the tokens and never the activations: each token's backward takes its
-//! output's gradient from a slot, runs the real op's backward, puts the input's gradient into
-//! the previous op's slot and gives candle only the parameters' gradients and a zero for the
-//! token. The results are the same to the bit (candle's sum is `0 + g`).
+//! Inside `run`, each op applied through `apply_op1` / `apply_op2` / `apply_op3` whose output
+//! is tracked also gets a one-element *token*, a node of candle's graph whose operands are the
+//! op's operands, each replaced by its token where an op of the run made it. The loss reaches
+//! the stack's output through `bridge`, which continues the graph from the last token, so
+//! candle walks the tokens and never the tensors they stand for: each token's backward takes
+//! its output's gradient from a slot, runs the real op's backward, puts each operand's gradient
+//! into its producer's slot and gives candle only the rest (a variable's, or an input's from
+//! outside the run) and zeros for the tokens. The results are the same to the bit (candle's
+//! sum is `0 + g`).
 //!
-//! An activation must then be used only by ops applied here, or only after `bridge`: a
-//! candle op on an activation would make its own graph reachable as well. Gradients stay
-//! right (linearity: each path carries its own share), but the ops on that path would run
-//! their backward twice. `LayerStack::run` bridges before every layer that uses candle ops.
+//! A tensor made here must then be used only by ops applied here, or only after `bridge`: a
+//! candle op on it would make its own graph reachable as well. Gradients stay right
+//! (linearity: each path carries its own share), but the ops on that path would run their
+//! backward twice. `LayerStack::run` bridges before every layer that uses candle ops.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, TensorId,
+};
 
 use super::cpu_storage::f32_slice;
 
@@ -88,22 +93,29 @@ fn link_of(x: &Tensor) -> Option<Link> {
     LINKS.with(|links| links.borrow().as_ref()?.get(&x.id()).cloned())
 }
 
-/// The token for `y`, an op's tracked output computed from `x`, made by `token_of(input)`
-/// where `input` is `x`'s token (or `x`); `None` where hand-off is off.
-fn link(
-    x: &Tensor,
+/// Makes the token for `y`, an op's tracked output computed from `operands` (its input first,
+/// then its parameters), with `token_of(candle's operands, upstreams, slot)`: each operand
+/// the running hand-off made is replaced by its token, its gradient bound for its slot.
+/// Does nothing where hand-off is off.
+fn link<const N: usize>(
+    operands: [&Tensor; N],
     y: &Tensor,
-    token_of: impl FnOnce(&Tensor, Upstream, Arc<Slot>) -> Result<Tensor>,
+    token_of: impl FnOnce([Tensor; N], [Upstream; N], Arc<Slot>) -> Result<Tensor>,
 ) -> Result<()> {
     if !y.track_op() || LINKS.with(|links| links.borrow().is_none()) {
         return Ok(());
     }
-    let (input, upstream) = match link_of(x) {
-        Some(link) => (link.token, Upstream::Slot(link.slot)),
-        None => (x.clone(), Upstream::Graph),
-    };
+    let links = operands.map(link_of);
+    let inputs: [Tensor; N] = std::array::from_fn(|i| match &links[i] {
+        Some(link) => link.token.clone(),
+        None => operands[i].clone(),
+    });
+    let upstreams = links.map(|link| match link {
+        Some(link) => Upstream::Slot(link.slot),
+        None => Upstream::Graph,
+    });
     let slot = Arc::new(Slot::default());
-    let token = token_of(&input, upstream, slot.clone())?;
+    let token = token_of(inputs, upstreams, slot.clone())?;
     LINKS.with(|links| {
         if let Some(links) = links.borrow_mut().as_mut() {
             links.insert(y.id(), Link { token, slot });
@@ -112,26 +124,26 @@ fn link(
     Ok(())
 }
 
-/// Where the gradient of an op's input goes.
+/// Where the gradient of one of an op's operands goes.
 enum Upstream {
     /// To the producing op's slot; candle's operand is that op's token.
     Slot(Arc<Slot>),
-    /// To candle: the operand is the input itself (a network's input, or a tensor from ops
-    /// outside the hand-off).
+    /// To candle: the operand is the tensor itself (a network's input, a variable, or a tensor
+    /// from ops outside the hand-off).
     Graph,
 }
 
 impl Upstream {
-    /// candle's gradient for the op's first operand, given the input's gradient `dx`.
-    fn operand_grad(&self, operand: &Tensor, dx: Option<Tensor>) -> Result<Option<Tensor>> {
+    /// candle's gradient for its operand `operand`, given the operand's gradient `grad`.
+    fn operand_grad(&self, operand: &Tensor, grad: Option<Tensor>) -> Result<Option<Tensor>> {
         match self {
             Upstream::Slot(slot) => {
-                if let Some(dx) = dx {
-                    slot.put(dx)?;
+                if let Some(grad) = grad {
+                    slot.put(grad)?;
                 }
                 Ok(Some(operand.zeros_like()?))
             }
-            Upstream::Graph => Ok(dx),
+            Upstream::Graph => Ok(grad),
         }
     }
 }
@@ -139,6 +151,16 @@ impl Upstream {
 /// The one-element value of every token.
 fn token_storage() -> (CpuStorage, Shape) {
     (CpuStorage::F32(vec![0.0]), Shape::from(1))
+}
+
+/// `x.apply_op1(op)`, with a token in the running hand-off.
+pub(super) fn apply_op1<C: CustomOp1 + Send + Sync + 'static>(x: &Tensor, op: C) -> Result<Tensor> {
+    let op: Arc<Box<dyn CustomOp1 + Send + Sync>> = Arc::new(Box::new(op));
+    let y = x.apply_op1_arc(op.clone())?;
+    link([x], &y, |[input], upstreams, slot| {
+        input.apply_op1(Token::new(op, [x], &y, upstreams, slot))
+    })?;
+    Ok(y)
 }
 
 /// `x.apply_op2(a2, op)`, with a token in the running hand-off.
@@ -149,8 +171,8 @@ pub(super) fn apply_op2<C: CustomOp2 + Send + Sync + 'static>(
 ) -> Result<Tensor> {
     let op: Arc<Box<dyn CustomOp2 + Send + Sync>> = Arc::new(Box::new(op));
     let y = x.apply_op2_arc(a2, op.clone())?;
-    link(x, &y, |input, upstream, slot| {
-        input.apply_op2(a2, Token::new(op, x, &y, upstream, slot))
+    link([x, a2], &y, |[input, a2_input], upstreams, slot| {
+        input.apply_op2(&a2_input, Token::new(op, [x, a2], &y, upstreams, slot))
     })?;
     Ok(y)
 }
@@ -164,9 +186,14 @@ pub(super) fn apply_op3<C: CustomOp3 + Send + Sync + 'static>(
 ) -> Result<Tensor> {
     let op: Arc<Box<dyn CustomOp3 + Send + Sync>> = Arc::new(Box::new(op));
     let y = x.apply_op3_arc(a2, a3, op.clone())?;
-    link(x, &y, |input, upstream, slot| {
-        input.apply_op3(a2, a3, Token::new(op, x, &y, upstream, slot))
-    })?;
+    link(
+        [x, a2, a3],
+        &y,
+        |[input, a2_input, a3_input], upstreams, slot| {
+            let token = Token::new(op, [x, a2, a3], &y, upstreams, slot);
+            input.apply_op3(&a2_input, &a3_input, token)
+        },
+    )?;
     Ok(y)
 }
 
@@ -181,29 +208,67 @@ pub(super) fn bridge(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The token of `op`'s output `y = op(x, parameters)`: candle's operands are the input's token
-/// (or `x`) and the parameters; its backward runs `op`'s on `x` and `y`.
-struct Token<Op: ?Sized> {
+/// The token of `op`'s output `y = op(operands)`: candle's operands are the operands' tokens
+/// (or the operands); its backward runs `op`'s on the real operands and `y`.
+struct Token<Op: ?Sized, const N: usize> {
     op: Arc<Box<Op>>,
-    x: Tensor,
+    operands: [Tensor; N],
     y: Tensor,
-    upstream: Upstream,
+    upstreams: [Upstream; N],
     slot: Arc<Slot>,
 }
 
-impl<Op: ?Sized> Token<Op> {
-    fn new(op: Arc<Box<Op>>, x: &Tensor, y: &Tensor, upstream: Upstream, slot: Arc<Slot>) -> Self {
+impl<Op: ?Sized, const N: usize> Token<Op, N> {
+    fn new(
+        op: Arc<Box<Op>>,
+        operands: [&Tensor; N],
+        y: &Tensor,
+        upstreams: [Upstream; N],
+        slot: Arc<Slot>,
+    ) -> Self {
         Self {
             op,
-            x: x.clone(),
+            operands: operands.map(Tensor::clone),
             y: y.clone(),
-            upstream,
+            upstreams,
             slot,
         }
     }
+
+    /// The gradient of `y`, left by the ops that use it.
+    fn output_grad(&self, op_name: &str) -> Result<Tensor> {
+        self.slot.take(op_name)
+    }
+
+    /// candle's gradient for its `i`-th operand `operand`, given that operand's `grad`.
+    fn hand_back(
+        &self,
+        i: usize,
+        operand: &Tensor,
+        grad: Option<Tensor>,
+    ) -> Result<Option<Tensor>> {
+        self.upstreams[i].operand_grad(operand, grad)
+    }
 }
 
-impl CustomOp2 for Token<dyn CustomOp2 + Send + Sync> {
+impl CustomOp1 for Token<dyn CustomOp1 + Send + Sync, 1> {
+    fn name(&self) -> &'static str {
+        "sagan-handoff-token1"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok(token_storage())
+    }
+
+    fn bwd(&self, operand: &Tensor, _token: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
+        let dy = self.output_grad(self.op.name())?;
+        let [x] = &self.operands;
+        let dx = self.op.bwd(x, &self.y, &dy)?;
+        self.hand_back(0, operand, dx)
+    }
+}
+
+impl CustomOp2 for Token<dyn CustomOp2 + Send + Sync, 2> {
     fn name(&self) -> &'static str {
         "sagan-handoff-token2"
     }
@@ -220,18 +285,19 @@ impl CustomOp2 for Token<dyn CustomOp2 + Send + Sync> {
 
     fn bwd(
         &self,
-        operand: &Tensor,
-        a2: &Tensor,
+        o1: &Tensor,
+        o2: &Tensor,
         _token: &Tensor,
         _grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = self.slot.take(self.op.name())?;
-        let (dx, da2) = self.op.bwd(&self.x, a2, &self.y, &dy)?;
-        Ok((self.upstream.operand_grad(operand, dx)?, da2))
+        let dy = self.output_grad(self.op.name())?;
+        let [x, a2] = &self.operands;
+        let (dx, da2) = self.op.bwd(x, a2, &self.y, &dy)?;
+        Ok((self.hand_back(0, o1, dx)?, self.hand_back(1, o2, da2)?))
     }
 }
 
-impl CustomOp3 for Token<dyn CustomOp3 + Send + Sync> {
+impl CustomOp3 for Token<dyn CustomOp3 + Send + Sync, 3> {
     fn name(&self) -> &'static str {
         "sagan-handoff-token3"
     }
@@ -251,15 +317,20 @@ impl CustomOp3 for Token<dyn CustomOp3 + Send + Sync> {
     #[allow(clippy::type_complexity)]
     fn bwd(
         &self,
-        operand: &Tensor,
-        a2: &Tensor,
-        a3: &Tensor,
+        o1: &Tensor,
+        o2: &Tensor,
+        o3: &Tensor,
         _token: &Tensor,
         _grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = self.slot.take(self.op.name())?;
-        let (dx, da2, da3) = self.op.bwd(&self.x, a2, a3, &self.y, &dy)?;
-        Ok((self.upstream.operand_grad(operand, dx)?, da2, da3))
+        let dy = self.output_grad(self.op.name())?;
+        let [x, a2, a3] = &self.operands;
+        let (dx, da2, da3) = self.op.bwd(x, a2, a3, &self.y, &dy)?;
+        Ok((
+            self.hand_back(0, o1, dx)?,
+            self.hand_back(1, o2, da2)?,
+            self.hand_back(2, o3, da3)?,
+        ))
     }
 }
 
@@ -302,9 +373,10 @@ mod tests {
     use crate::config::Activation;
     use crate::model::attention_core::attention_core;
     use crate::model::conv_ops::{conv2d_bias_act, conv_transpose2d};
+    use crate::model::spectral_norm_ops::normalized;
     use crate::model::testing::{assert_close, input};
     use candle_core::backprop::GradStore;
-    use candle_core::Var;
+    use candle_core::{Device, Var};
 
     struct Net {
         x: Tensor,
@@ -332,12 +404,15 @@ mod tests {
             }
         }
 
-        /// conv + leaky ReLU -> attention (with residual) -> transposed conv, and the hidden
-        /// activations; `candle_use` also feeds the first activation to one of candle's ops.
+        /// conv (spectrally normalised weight) + leaky ReLU -> attention (with residual) ->
+        /// transposed conv, and the intermediate tensors: the normalised weight and the two
+        /// hidden activations. `candle_use` also feeds the first activation to a candle op.
         fn forward(&self, candle_use: bool) -> (Tensor, Vec<Tensor>) {
             let v: Vec<&Tensor> = self.vars.iter().map(|v| v.as_tensor()).collect();
-            let h1 =
-                conv2d_bias_act(&self.x, v[0], v[1], 2, 1, Activation::LeakyRelu, 0.1).unwrap();
+            let u = Tensor::full(0.25f32, 16, &Device::Cpu).unwrap();
+            let unit = Tensor::full(0.125f32, 64, &Device::Cpu).unwrap();
+            let w0 = normalized(v[0], 0, &u, &unit).unwrap();
+            let h1 = conv2d_bias_act(&self.x, &w0, v[1], 2, 1, Activation::LeakyRelu, 0.1).unwrap();
             let h2 = attention_core(&h1, v[2], v[3], Some(v[4]), 2, false).unwrap();
             let out = conv_transpose2d(&h2, v[5], 2, 1).unwrap();
             let mut out = bridge(&out).unwrap();
@@ -345,10 +420,10 @@ mod tests {
                 let side = h1.sqr().unwrap().mean_all().unwrap();
                 out = out.broadcast_add(&side).unwrap();
             }
-            (out, vec![h1, h2])
+            (out, vec![w0, h1, h2])
         }
 
-        /// The gradients of a fixed weighting of the output, and which hidden activations
+        /// The gradients of a fixed weighting of the output, and which intermediate tensors
         /// candle's backward walks through.
         fn grads(&self, handoff: bool, candle_use: bool) -> (GradStore, Vec<bool>) {
             let (out, hidden) = run(handoff, || self.forward(candle_use));
@@ -383,9 +458,13 @@ mod tests {
     fn handed_off_gradients_are_candle_s_to_the_bit_without_activation_buffers() {
         let net = Net::new();
         let (want, walked) = net.grads(false, false);
-        assert_eq!(walked, [true, true], "candle walks every activation");
+        assert_eq!(
+            walked,
+            [true, true, true],
+            "candle walks every intermediate tensor"
+        );
         let (got, walked) = net.grads(true, false);
-        assert_eq!(walked, [false, false], "handed off: none");
+        assert_eq!(walked, [false, false, false], "handed off: none");
         assert_same(&got, &want, &net.vars, "hand-off");
     }
 
@@ -396,8 +475,8 @@ mod tests {
         let (got, walked) = net.grads(true, true);
         assert_eq!(
             walked,
-            [true, false],
-            "h1 through candle's op, h2 handed off"
+            [true, true, false],
+            "h1 through candle's op, and the weight behind it; h2 handed off"
         );
         for (i, var) in net.vars.iter().enumerate() {
             let (g, w) = (got.get(var).unwrap(), want.get(var).unwrap());

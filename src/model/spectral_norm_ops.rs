@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape
 use rayon::prelude::*;
 
 use super::cpu_storage::{f32_slice, with_f32_data};
+use super::handoff;
 use super::simd::vectorized;
 use super::vector_math::lane_dot;
 
@@ -80,7 +81,7 @@ pub fn normalized(
     }
     let weight = weight.contiguous()?;
     let sigma = with_f32_data([&weight], |[w]| view.bilinear(w, &u, &v))?;
-    weight.apply_op1(DivideBySigma { view, sigma, u, v })
+    handoff::apply_op1(&weight, DivideBySigma { view, sigma, u, v })
 }
 
 /// `x / (|x| + EPS)`.
