@@ -293,3 +293,68 @@ impl LayerStack {
         Ok(gammas)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::rng::{normal_tensor, seeded_var_builder, stream};
+    use candle_core::backprop::GradStore;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    /// sagan-mnist28's G then D in training mode, both stacks through `LayerStack::forward`
+    /// (`handoff`) or layer by layer outside it (candle's own graph): the summed logits, the
+    /// gradients, and whether candle's backward walks any of G's 14x14 activations.
+    fn g_then_d(handoff: bool) -> (f32, VarMap, GradStore, bool) {
+        let cfg = ModelConfig::resolve("sagan-mnist28").unwrap();
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, stream(1, 1), &Device::Cpu);
+        let g = Generator::new(vb.pp("g"), &cfg).unwrap();
+        let d = Discriminator::new(vb.pp("d"), &cfg).unwrap();
+        let z = normal_tensor(&mut stream(2, 2), 4, cfg.z_dim, &Device::Cpu).unwrap();
+        let z = z.reshape((4, cfg.z_dim, 1, 1)).unwrap();
+        let run = |stack: &LayerStack, x: &Tensor| match handoff {
+            true => stack.forward(x, None, true).unwrap(),
+            false => stack.layers().iter().fold(x.clone(), |x, layer| {
+                stack.forward_layer(layer, &x, None, true, None).unwrap()
+            }),
+        };
+        let logits = run(d.stack(), &run(g.stack(), &z));
+        let loss = logits.sum_all().unwrap();
+        let walks_activations = loss
+            .sorted_nodes()
+            .iter()
+            .any(|t| t.dims() == [4, 128, 14, 14]);
+        let grads = loss.backward().unwrap();
+        (loss.to_scalar().unwrap(), varmap, grads, walks_activations)
+    }
+
+    #[test]
+    fn the_stacks_hand_off_gives_candle_s_gradients_to_the_bit() {
+        let (want_loss, want_vars, want, walked) = g_then_d(false);
+        assert!(walked, "candle's own graph holds G's activations");
+        let (got_loss, got_vars, got, walked) = g_then_d(true);
+        assert!(!walked, "handed off");
+        assert_eq!(got_loss, want_loss);
+        let (got_vars, want_vars) = (
+            got_vars.data().lock().unwrap(),
+            want_vars.data().lock().unwrap(),
+        );
+        let mut compared = 0;
+        for (name, var) in want_vars.iter() {
+            let Some(w) = want.get(var.as_tensor()) else {
+                continue;
+            };
+            let g = got.get(got_vars[name].as_tensor()).unwrap();
+            let (g, w) = (g.flatten_all().unwrap(), w.flatten_all().unwrap());
+            assert_eq!(
+                g.to_vec1::<f32>().unwrap(),
+                w.to_vec1::<f32>().unwrap(),
+                "{name}"
+            );
+            compared += 1;
+        }
+        assert!(compared >= 20, "only {compared} gradients compared");
+    }
+}
