@@ -234,21 +234,6 @@ impl<Op: ?Sized, const N: usize> Token<Op, N> {
             slot,
         }
     }
-
-    /// The gradient of `y`, left by the ops that use it.
-    fn output_grad(&self, op_name: &str) -> Result<Tensor> {
-        self.slot.take(op_name)
-    }
-
-    /// candle's gradient for its `i`-th operand `operand`, given that operand's `grad`.
-    fn hand_back(
-        &self,
-        i: usize,
-        operand: &Tensor,
-        grad: Option<Tensor>,
-    ) -> Result<Option<Tensor>> {
-        self.upstreams[i].operand_grad(operand, grad)
-    }
 }
 
 impl CustomOp1 for Token<dyn CustomOp1 + Send + Sync, 1> {
@@ -261,10 +246,10 @@ impl CustomOp1 for Token<dyn CustomOp1 + Send + Sync, 1> {
     }
 
     fn bwd(&self, operand: &Tensor, _token: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
-        let dy = self.output_grad(self.op.name())?;
+        let dy = self.slot.take(self.op.name())?;
         let [x] = &self.operands;
         let dx = self.op.bwd(x, &self.y, &dy)?;
-        self.hand_back(0, operand, dx)
+        self.upstreams[0].operand_grad(operand, dx)
     }
 }
 
@@ -290,10 +275,13 @@ impl CustomOp2 for Token<dyn CustomOp2 + Send + Sync, 2> {
         _token: &Tensor,
         _grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = self.output_grad(self.op.name())?;
+        let dy = self.slot.take(self.op.name())?;
         let [x, a2] = &self.operands;
         let (dx, da2) = self.op.bwd(x, a2, &self.y, &dy)?;
-        Ok((self.hand_back(0, o1, dx)?, self.hand_back(1, o2, da2)?))
+        Ok((
+            self.upstreams[0].operand_grad(o1, dx)?,
+            self.upstreams[1].operand_grad(o2, da2)?,
+        ))
     }
 }
 
@@ -323,13 +311,13 @@ impl CustomOp3 for Token<dyn CustomOp3 + Send + Sync, 3> {
         _token: &Tensor,
         _grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = self.output_grad(self.op.name())?;
+        let dy = self.slot.take(self.op.name())?;
         let [x, a2, a3] = &self.operands;
         let (dx, da2, da3) = self.op.bwd(x, a2, a3, &self.y, &dy)?;
         Ok((
-            self.hand_back(0, o1, dx)?,
-            self.hand_back(1, o2, da2)?,
-            self.hand_back(2, o3, da3)?,
+            self.upstreams[0].operand_grad(o1, dx)?,
+            self.upstreams[1].operand_grad(o2, da2)?,
+            self.upstreams[2].operand_grad(o3, da3)?,
         ))
     }
 }
