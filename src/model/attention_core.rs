@@ -340,6 +340,9 @@ impl Geom {
             false => &s.qkv[self.query * n..2 * self.query * n],
         };
         let k = MatRef::row_major(keys, self.query, self.keys);
+        // The map's buffer, kept from step to step, is out of cache: fetching it in one loop
+        // (many lines in flight) is faster than the product's stores missing one by one.
+        prefetch(&s.map);
         self.gemm(&mut s.map, q.t(), k, false)?;
         self.each_row(&mut s.map, self.keys, |_, row| softmax_in_place(row));
         Ok(())
@@ -593,7 +596,8 @@ impl CustomOp3 for AttentionCore {
     }
 }
 
-/// Asks for `data` in the first-level cache, line by line, without waiting for it.
+/// Asks for `data` in the first-level cache, line by line, without waiting for it (to be read
+/// or overwritten).
 fn prefetch(data: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     for line in data.chunks(16) {
