@@ -171,9 +171,9 @@ struct Scratch {
 }
 
 impl Scratch {
-    /// Asks for the kept buffers in cache ahead of their use: read back in the backward they
-    /// come from memory, and a prefetch loop keeps many more lines in flight than the
-    /// GEMMs' packing does.
+    /// Asks for kept buffers in cache ahead of the backward's use: kept since the forward,
+    /// they come from memory, and a prefetch loop keeps many more lines in flight than the
+    /// GEMMs' packing does. (Recomputed ones are in cache already.)
     fn prefetch(&self) {
         prefetch(&self.qkv);
         prefetch(&self.kv);
@@ -391,7 +391,6 @@ impl Geom {
         sums: Option<&mut [f32]>,
     ) -> Result<()> {
         let (n, m) = (self.positions, self.keys);
-        s.prefetch();
         let q_len = self.query * n;
         let dy_mat = MatRef::row_major(dy, self.value, n);
         let a = MatRef::row_major(&s.map, n, m);
@@ -701,7 +700,11 @@ impl CustomOp3 for AttentionCoreGrad {
                         .zip(x.chunks(x_item).zip(dy.chunks(dy_item)));
                     for (i, (dx, (x, dy))) in items.enumerate() {
                         let s = match &self.kept {
-                            Some(kept) => &kept[group * GROUP_ITEMS + i],
+                            Some(kept) => {
+                                let s = &kept[group * GROUP_ITEMS + i];
+                                s.prefetch();
+                                s
+                            }
                             None => {
                                 g.forward_item(w, b, x, recomputed)?;
                                 &*recomputed
