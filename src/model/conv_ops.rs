@@ -1249,63 +1249,100 @@ fn im2col(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
     }
 }
 
-/// `im2col` for `ConvGeom::is_k4_s2_p1`, one task per (channel, kernel row): each image row
-/// is split once into its even and odd columns, and the four kernel columns' rows are those
-/// halves shifted: kernel column 1 reads even column t, 3 even t + 1, 2 odd t, 0 odd t - 1.
-/// The general gather makes one strided pass of output-row length per kernel column.
+/// `im2col` for `ConvGeom::is_k4_s2_p1`, one task per (channel, kernel row), through parity
+/// sub-images as `col2im_k4_s2_p1`: kernel row `ki` reads the image rows of one parity (`ki` 1
+/// and 3 the even rows, at output row t and t + 1; 2 and 0 the odd ones, at t and t - 1), so
+/// per item those rows are split once into their even and odd columns, and each of the four
+/// kernel columns' rows is one of the two halves, shifted by the kernel row's offset and by a
+/// column for kernel columns 3 and 0 (zero where that reads the padding): long contiguous
+/// loops over the whole output plane instead of four per output row.
 fn im2col_k4_s2_p1(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
-    let (out_h, out_w, img_h, img_w) = (geom.out_h, geom.out_w, geom.img_h, geom.img_w);
-    let (row_len, out_plane, plane) = (geom.col_cols(), geom.out_plane(), img_h * img_w);
+    let (out_w, img_w) = (geom.out_w, geom.img_w);
+    let (row_len, out_plane, plane) = (geom.col_cols(), geom.out_plane(), geom.img_h * img_w);
     if row_len == 0 {
         return;
     }
-    cols.par_chunks_mut(4 * row_len)
-        .enumerate()
-        .for_each(|(c_ki, dst)| {
+    let has_left: Vec<bool> = (0..out_plane).map(|p| p % out_w > 0).collect();
+    let has_right: Vec<bool> = (0..out_plane).map(|p| p % out_w + 1 < out_w).collect();
+    cols.par_chunks_mut(4 * row_len).enumerate().for_each_init(
+        ScratchBuf::take,
+        |halves, (c_ki, dst)| {
             vectorized(
                 #[inline(always)]
                 || {
                     let (c, ki) = (c_ki / 4, c_ki % 4);
-                    let (col0, rest) = dst.split_at_mut(row_len);
-                    let (col1, rest) = rest.split_at_mut(row_len);
-                    let (col2, col3) = rest.split_at_mut(row_len);
+                    // (image row parity, output-row offset of the rows it reads).
+                    let (parity, rows) = match ki {
+                        0 => (1, -1),
+                        1 => (0, 0),
+                        2 => (1, 0),
+                        _ => (0, 1),
+                    };
+                    let row_shift = rows * out_w as isize;
+                    halves.resize(2 * out_plane, 0.0);
+                    let (even, odd) = halves.split_at_mut(out_plane);
                     for b in 0..geom.batch {
                         let src = &img[(b * geom.img_c + c) * plane..][..plane];
-                        for oh in 0..out_h {
-                            let at = b * out_plane + oh * out_w;
-                            let [d0, d1, d2, d3] = [&mut *col0, &mut *col1, &mut *col2, &mut *col3]
-                                .map(|col| &mut col[at..at + out_w]);
-                            // Image row 2 oh + ki - 1; the padding rows are zero.
-                            let ih = (2 * oh + ki).checked_sub(1).filter(|&ih| ih < img_h);
-                            let Some(ih) = ih else {
-                                for d in [d0, d1, d2, d3] {
-                                    d.fill(0.0);
-                                }
-                                continue;
-                            };
-                            let src_row = &src[ih * img_w..][..img_w];
-                            for ((even, odd), pair) in d1
-                                .iter_mut()
-                                .zip(d2.iter_mut())
-                                .zip(src_row.chunks_exact(2))
-                            {
-                                (*even, *odd) = (pair[0], pair[1]);
-                            }
-                            // Gathered again rather than copied from d1 and d2: copies of a
-                            // few elements become memcpy calls, which cost more than the loads.
-                            let shifted = src_row[1..].chunks_exact(2);
-                            for ((next_even, prev_odd), pair) in
-                                d3.iter_mut().zip(d0[1..].iter_mut()).zip(shifted)
-                            {
-                                (*prev_odd, *next_even) = (pair[0], pair[1]);
-                            }
-                            d3[out_w - 1] = 0.0;
-                            d0[0] = 0.0;
+                        let rows = src.chunks_exact(img_w).skip(parity).step_by(2);
+                        for ((row, even), odd) in rows
+                            .zip(even.chunks_exact_mut(out_w))
+                            .zip(odd.chunks_exact_mut(out_w))
+                        {
+                            deinterleave(row, even, odd);
                         }
+                        let (d0, rest) = dst.split_at_mut(row_len);
+                        let (d1, rest) = rest.split_at_mut(row_len);
+                        let (d2, d3) = rest.split_at_mut(row_len);
+                        let [d0, d1, d2, d3] =
+                            [d0, d1, d2, d3].map(|row| &mut row[b * out_plane..][..out_plane]);
+                        copy_shifted(d1, even, row_shift, None);
+                        copy_shifted(d2, odd, row_shift, None);
+                        copy_shifted(d3, even, row_shift + 1, Some(&has_right));
+                        copy_shifted(d0, odd, row_shift - 1, Some(&has_left));
                     }
                 },
             )
-        });
+        },
+    );
+}
+
+/// `dst[p] = src[p + shift]` where `p + shift` lies in `src` and `mask[p]` holds, else 0.
+#[inline(always)]
+fn copy_shifted(dst: &mut [f32], src: &[f32], shift: isize, mask: Option<&[bool]>) {
+    let (to, from) = shifted_ranges(dst.len(), shift);
+    dst[..to.start].fill(0.0);
+    dst[to.end..].fill(0.0);
+    let (dst, src) = (&mut dst[to.clone()], &src[from]);
+    match mask {
+        Some(mask) => {
+            for ((d, &s), &keep) in dst.iter_mut().zip(src).zip(&mask[to]) {
+                *d = if keep { s } else { 0.0 };
+            }
+        }
+        None => dst.copy_from_slice(src),
+    }
+}
+
+/// The ranges `p` and `p + shift` over which both lie in `0..len`.
+#[inline(always)]
+fn shifted_ranges(len: usize, shift: isize) -> (Range<usize>, Range<usize>) {
+    let n = len.saturating_sub(shift.unsigned_abs());
+    let (to, from) = match shift >= 0 {
+        true => (0, shift.unsigned_abs()),
+        false => (len - n, 0),
+    };
+    (to..to + n, from.min(len)..from.min(len) + n)
+}
+
+/// `even[u] = src[2u]`, `odd[u] = src[2u + 1]`.
+#[inline(always)]
+fn deinterleave(src: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let n = even.len();
+    let (src, odd) = (&src[..2 * n], &mut odd[..n]);
+    for u in 0..n {
+        even[u] = src[2 * u];
+        odd[u] = src[2 * u + 1];
+    }
 }
 
 /// `im2col` for any geometry: per im2col row, a gather of output-row length per output row.
@@ -1393,58 +1430,88 @@ impl ConvGeom {
     }
 }
 
-/// `col2im` for `ConvGeom::is_k4_s2_p1` as a gather, writing every pixel once. Image row 2t
-/// takes kernel rows 1 (output row t) and 3 (row t - 1), image row 2t + 1 kernel rows 2 (t)
-/// and 0 (t + 1); columns likewise. The general scatter makes sixteen strided passes of
-/// output-row length (7 to 32 here) per plane, and those short loops were its cost.
+/// `col2im` for `ConvGeom::is_k4_s2_p1`, per image plane through its four parity sub-images:
+/// the pixels `(2t + py, 2u + px)` take two kernel rows (`py` 0: rows 1 at output row t and 3
+/// at t - 1; `py` 1: rows 2 at t and 0 at t + 1) and two kernel columns likewise, so each
+/// sub-image is the sum of four of the plane's kernel-tap rows, three of them shifted by a
+/// row and / or a column. Over whole flattened `out_h x out_w` rows those sums are long
+/// contiguous loops (a column shift masks the pixels whose neighbour lies outside), where a
+/// gather per image row made loops of output-row length (7 to 32 here) and spent its time
+/// setting them up; the sub-images are then interleaved into the image.
 fn col2im_k4_s2_p1(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
-    let (out_h, out_w, img_w) = (geom.out_h, geom.out_w, geom.img_w);
-    let (row_len, out_plane) = (geom.col_cols(), geom.out_plane());
-    let plane = geom.img_h * img_w;
+    let (out_w, row_len, out_plane) = (geom.out_w, geom.col_cols(), geom.out_plane());
+    let plane = geom.img_h * geom.img_w;
     if plane == 0 {
         return;
     }
-    let zeros = vec![0f32; out_w];
-    img.par_chunks_mut(plane).enumerate().for_each(|(bc, dst)| {
-        vectorized(
-            #[inline(always)]
-            || {
-                let (b, c) = (bc / geom.img_c, bc % geom.img_c);
-                // The four kernel columns' output rows of kernel row `ki` at output row `oh`
-                // (zeros outside the output).
-                let taps = |ki: usize, oh: Option<usize>| -> [&[f32]; 4] {
-                    match oh {
-                        Some(oh) if oh < out_h => std::array::from_fn(|kj| {
-                            let row = (c * 4 + ki) * 4 + kj;
-                            &cols[row * row_len + b * out_plane + oh * out_w..][..out_w]
-                        }),
-                        _ => [&zeros[..]; 4],
-                    }
-                };
-                for (y, dst_row) in dst.chunks_exact_mut(img_w).enumerate() {
-                    let t = y / 2;
-                    let (near, far) = match y % 2 {
-                        0 => (taps(1, Some(t)), taps(3, t.checked_sub(1))),
-                        _ => (taps(2, Some(t)), taps(0, Some(t + 1))),
+    // Whether output pixel p has a left (right) neighbour in its row.
+    let has_left: Vec<bool> = (0..out_plane).map(|p| p % out_w > 0).collect();
+    let has_right: Vec<bool> = (0..out_plane).map(|p| p % out_w + 1 < out_w).collect();
+    img.par_chunks_mut(plane)
+        .enumerate()
+        .for_each_init(ScratchBuf::take, |subs, (bc, dst)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (b, c) = (bc / geom.img_c, bc % geom.img_c);
+                    let tap = |ki: usize, kj: usize| -> &[f32] {
+                        let row = (c * 4 + ki) * 4 + kj;
+                        &cols[row * row_len + b * out_plane..][..out_plane]
                     };
-                    gather_row_k4_s2_p1(dst_row, near, far);
-                }
-            },
-        )
-    });
+                    subs.resize(4 * out_plane, 0.0);
+                    for (parity, sub) in subs.chunks_exact_mut(out_plane).enumerate() {
+                        // (kernel row at the same output row, kernel row one output row away,
+                        // that row's offset); columns likewise with the neighbour mask.
+                        let (ki, ki_far, rows) = match parity / 2 {
+                            0 => (1, 3, -1),
+                            _ => (2, 0, 1),
+                        };
+                        let (kj, kj_far, col, mask) = match parity % 2 {
+                            0 => (1, 3, -1, &has_left),
+                            _ => (2, 0, 1, &has_right),
+                        };
+                        let row_shift = rows * out_w as isize;
+                        sub.copy_from_slice(tap(ki, kj));
+                        add_shifted(sub, tap(ki_far, kj), row_shift, None);
+                        add_shifted(sub, tap(ki, kj_far), col, Some(mask));
+                        add_shifted(sub, tap(ki_far, kj_far), row_shift + col, Some(mask));
+                    }
+                    let [even_even, even_odd, odd_even, odd_odd] =
+                        [0, 1, 2, 3].map(|parity| &subs[parity * out_plane..][..out_plane]);
+                    for (t, rows) in dst.chunks_exact_mut(4 * out_w).enumerate() {
+                        let (even_row, odd_row) = rows.split_at_mut(2 * out_w);
+                        let at = t * out_w..(t + 1) * out_w;
+                        interleave(even_row, &even_even[at.clone()], &even_odd[at.clone()]);
+                        interleave(odd_row, &odd_even[at.clone()], &odd_odd[at]);
+                    }
+                },
+            )
+        });
 }
 
-/// One image row from the kernel-column rows of its two kernel rows: column 2t takes kernel
-/// columns 1 (output column t) and 3 (t - 1), column 2t + 1 kernel columns 2 (t) and 0 (t + 1).
+/// `dst[p] += src[p + shift]` wherever `p + shift` lies in `src` (and `mask[p]` holds).
 #[inline(always)]
-fn gather_row_k4_s2_p1(dst: &mut [f32], near: [&[f32]; 4], far: [&[f32]; 4]) {
-    for (t, pair) in dst.chunks_exact_mut(2).enumerate() {
-        pair[0] = near[1][t] + far[1][t];
-        pair[1] = near[2][t] + far[2][t];
+fn add_shifted(dst: &mut [f32], src: &[f32], shift: isize, mask: Option<&[bool]>) {
+    let (to, from) = shifted_ranges(dst.len(), shift);
+    let (dst, src) = (&mut dst[to.clone()], &src[from]);
+    match mask {
+        Some(mask) => {
+            for ((d, &s), &keep) in dst.iter_mut().zip(src).zip(&mask[to]) {
+                *d += if keep { s } else { 0.0 };
+            }
+        }
+        None => dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s),
     }
-    for t in 1..dst.len() / 2 {
-        dst[2 * t] += near[3][t - 1] + far[3][t - 1];
-        dst[2 * t - 1] += near[0][t] + far[0][t];
+}
+
+/// `dst[2u] = even[u]`, `dst[2u + 1] = odd[u]`.
+#[inline(always)]
+fn interleave(dst: &mut [f32], even: &[f32], odd: &[f32]) {
+    let n = even.len();
+    let (dst, odd) = (&mut dst[..2 * n], &odd[..n]);
+    for u in 0..n {
+        dst[2 * u] = even[u];
+        dst[2 * u + 1] = odd[u];
     }
 }
 
