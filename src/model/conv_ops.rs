@@ -1249,21 +1249,18 @@ fn im2col(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
     }
 }
 
-/// `im2col` for `ConvGeom::is_k4_s2_p1`, one task per (channel, kernel row), through parity
-/// sub-images as `col2im_k4_s2_p1`: kernel row `ki` reads the image rows of one parity (`ki` 1
-/// and 3 the even rows, at output row t and t + 1; 2 and 0 the odd ones, at t and t - 1), so
-/// per item those rows are split once into their even and odd columns, and each of the four
-/// kernel columns' rows is one of the two halves, shifted by the kernel row's offset and by a
-/// column for kernel columns 3 and 0 (zero where that reads the padding): long contiguous
-/// loops over the whole output plane instead of four per output row.
+/// `im2col` for `ConvGeom::is_k4_s2_p1`, one task per (channel, kernel row): per item, the
+/// image rows of the kernel row's parity (`K4_S2_TAPS`) are split once into their even and odd
+/// columns, and each kernel column's row is one of the two halves, shifted as `K4_S2_TAPS`
+/// says (`PlaneShifts`): long contiguous loops over the whole output plane instead of four
+/// per output row of 7 to 32 pixels, whose set-up was their cost (1.4-2.3x, hot).
 fn im2col_k4_s2_p1(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
     let (out_w, img_w) = (geom.out_w, geom.img_w);
     let (row_len, out_plane, plane) = (geom.col_cols(), geom.out_plane(), geom.img_h * img_w);
     if row_len == 0 {
         return;
     }
-    let has_left: Vec<bool> = (0..out_plane).map(|p| p % out_w > 0).collect();
-    let has_right: Vec<bool> = (0..out_plane).map(|p| p % out_w + 1 < out_w).collect();
+    let shifts = PlaneShifts::new(geom);
     cols.par_chunks_mut(4 * row_len).enumerate().for_each_init(
         ScratchBuf::take,
         |halves, (c_ki, dst)| {
@@ -1271,14 +1268,7 @@ fn im2col_k4_s2_p1(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
                 #[inline(always)]
                 || {
                     let (c, ki) = (c_ki / 4, c_ki % 4);
-                    // (image row parity, output-row offset of the rows it reads).
-                    let (parity, rows) = match ki {
-                        0 => (1, -1),
-                        1 => (0, 0),
-                        2 => (1, 0),
-                        _ => (0, 1),
-                    };
-                    let row_shift = rows * out_w as isize;
+                    let (parity, row_offset) = K4_S2_TAPS[ki];
                     halves.resize(2 * out_plane, 0.0);
                     let (even, odd) = halves.split_at_mut(out_plane);
                     for b in 0..geom.batch {
@@ -1295,10 +1285,13 @@ fn im2col_k4_s2_p1(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
                         let (d2, d3) = rest.split_at_mut(row_len);
                         let [d0, d1, d2, d3] =
                             [d0, d1, d2, d3].map(|row| &mut row[b * out_plane..][..out_plane]);
-                        copy_shifted(d1, even, row_shift, None);
-                        copy_shifted(d2, odd, row_shift, None);
-                        copy_shifted(d3, even, row_shift + 1, Some(&has_right));
-                        copy_shifted(d0, odd, row_shift - 1, Some(&has_left));
+                        // Kernel columns 0-3 as `K4_S2_TAPS` has them, spelt out: with
+                        // constant column offsets each call compiles to its own loop (looked
+                        // up from the table in a loop, the kernel ran ~20 % slower at 7x7).
+                        shifts.apply::<false>(d0, odd, row_offset, -1);
+                        shifts.apply::<false>(d1, even, row_offset, 0);
+                        shifts.apply::<false>(d2, odd, row_offset, 0);
+                        shifts.apply::<false>(d3, even, row_offset, 1);
                     }
                 },
             )
@@ -1306,32 +1299,68 @@ fn im2col_k4_s2_p1(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
     );
 }
 
-/// `dst[p] = src[p + shift]` where `p + shift` lies in `src` and `mask[p]` holds, else 0.
-#[inline(always)]
-fn copy_shifted(dst: &mut [f32], src: &[f32], shift: isize, mask: Option<&[bool]>) {
-    let (to, from) = shifted_ranges(dst.len(), shift);
-    dst[..to.start].fill(0.0);
-    dst[to.end..].fill(0.0);
-    let (dst, src) = (&mut dst[to.clone()], &src[from]);
-    match mask {
-        Some(mask) => {
-            for ((d, &s), &keep) in dst.iter_mut().zip(src).zip(&mask[to]) {
-                *d = if keep { s } else { 0.0 };
-            }
-        }
-        None => dst.copy_from_slice(src),
-    }
+/// For each index `k` of a 4-wide, stride-2, padding-1 kernel: the parity of the image rows
+/// (columns) it reads and the output offset `d` at which it reads them: output row `t` reads
+/// image row `2 (t + d) + parity` (kernel row 0 reads `2t - 1`, 1 `2t`, 2 `2t + 1`, 3 `2t + 2`).
+const K4_S2_TAPS: [(usize, isize); 4] = [(1, -1), (0, 0), (1, 0), (0, 1)];
+
+/// Shifted copies and sums between flattened `out_h x out_w` planes, for the 4x4 / stride-2
+/// im2col and col2im: a shift by whole rows is a contiguous range; a shift by a column also
+/// masks the pixels whose neighbour in that direction lies outside the row.
+struct PlaneShifts {
+    out_w: usize,
+    /// Whether pixel `p` has a left neighbour in its row.
+    has_left: Vec<bool>,
+    /// Whether pixel `p` has a right neighbour in its row.
+    has_right: Vec<bool>,
 }
 
-/// The ranges `p` and `p + shift` over which both lie in `0..len`.
-#[inline(always)]
-fn shifted_ranges(len: usize, shift: isize) -> (Range<usize>, Range<usize>) {
-    let n = len.saturating_sub(shift.unsigned_abs());
-    let (to, from) = match shift >= 0 {
-        true => (0, shift.unsigned_abs()),
-        false => (len - n, 0),
-    };
-    (to..to + n, from.min(len)..from.min(len) + n)
+impl PlaneShifts {
+    fn new(geom: &ConvGeom) -> Self {
+        let (out_w, out_plane) = (geom.out_w, geom.out_plane());
+        Self {
+            out_w,
+            has_left: (0..out_plane).map(|p| p % out_w > 0).collect(),
+            has_right: (0..out_plane).map(|p| p % out_w + 1 < out_w).collect(),
+        }
+    }
+
+    /// `dst[(t, u)] (+)= src[(t + rows, u + cols)]` (`cols` in -1..=1), `ADD` summing onto
+    /// `dst`, else writing it with zeros where the source pixel lies outside the plane.
+    #[inline(always)]
+    fn apply<const ADD: bool>(&self, dst: &mut [f32], src: &[f32], rows: isize, cols: isize) {
+        let mask = match cols {
+            0 => None,
+            c if c > 0 => Some(&self.has_right[..]),
+            _ => Some(&self.has_left[..]),
+        };
+        let shift = rows * self.out_w as isize + cols;
+        let n = dst.len().saturating_sub(shift.unsigned_abs());
+        let (to, from) = match shift >= 0 {
+            true => (0, shift.unsigned_abs().min(dst.len())),
+            false => (dst.len() - n, 0),
+        };
+        let to = to..to + n;
+        if !ADD {
+            dst[..to.start].fill(0.0);
+            dst[to.end..].fill(0.0);
+        }
+        let (dst, src) = (&mut dst[to.clone()], &src[from..from + n]);
+        match (mask, ADD) {
+            (Some(mask), true) => {
+                for ((d, &s), &keep) in dst.iter_mut().zip(src).zip(&mask[to]) {
+                    *d += if keep { s } else { 0.0 };
+                }
+            }
+            (Some(mask), false) => {
+                for ((d, &s), &keep) in dst.iter_mut().zip(src).zip(&mask[to]) {
+                    *d = if keep { s } else { 0.0 };
+                }
+            }
+            (None, true) => dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s),
+            (None, false) => dst.copy_from_slice(src),
+        }
+    }
 }
 
 /// `even[u] = src[2u]`, `odd[u] = src[2u + 1]`.
@@ -1431,22 +1460,19 @@ impl ConvGeom {
 }
 
 /// `col2im` for `ConvGeom::is_k4_s2_p1`, per image plane through its four parity sub-images:
-/// the pixels `(2t + py, 2u + px)` take two kernel rows (`py` 0: rows 1 at output row t and 3
-/// at t - 1; `py` 1: rows 2 at t and 0 at t + 1) and two kernel columns likewise, so each
-/// sub-image is the sum of four of the plane's kernel-tap rows, three of them shifted by a
-/// row and / or a column. Over whole flattened `out_h x out_w` rows those sums are long
-/// contiguous loops (a column shift masks the pixels whose neighbour lies outside), where a
-/// gather per image row made loops of output-row length (7 to 32 here) and spent its time
-/// setting them up; the sub-images are then interleaved into the image.
+/// the pixels `(2t + py, 2u + px)` take the two kernel rows of parity `py` and the two kernel
+/// columns of parity `px` (`K4_S2_TAPS`), so each sub-image is the sum of four of the plane's
+/// kernel-tap rows, each shifted back by its taps' offsets (`PlaneShifts`), in long contiguous
+/// loops over the whole flattened plane; the sub-images are then interleaved into the image.
+/// A gather per image row made loops of output-row length (7 to 32 here) and spent its time
+/// setting them up (1.3-2x, hot).
 fn col2im_k4_s2_p1(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
     let (out_w, row_len, out_plane) = (geom.out_w, geom.col_cols(), geom.out_plane());
     let plane = geom.img_h * geom.img_w;
     if plane == 0 {
         return;
     }
-    // Whether output pixel p has a left (right) neighbour in its row.
-    let has_left: Vec<bool> = (0..out_plane).map(|p| p % out_w > 0).collect();
-    let has_right: Vec<bool> = (0..out_plane).map(|p| p % out_w + 1 < out_w).collect();
+    let shifts = PlaneShifts::new(geom);
     img.par_chunks_mut(plane)
         .enumerate()
         .for_each_init(ScratchBuf::take, |subs, (bc, dst)| {
@@ -1454,28 +1480,22 @@ fn col2im_k4_s2_p1(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
                 #[inline(always)]
                 || {
                     let (b, c) = (bc / geom.img_c, bc % geom.img_c);
-                    let tap = |ki: usize, kj: usize| -> &[f32] {
+                    subs.resize(4 * out_plane, 0.0);
+                    let tap = |ki: usize, kj: usize| {
                         let row = (c * 4 + ki) * 4 + kj;
                         &cols[row * row_len + b * out_plane..][..out_plane]
                     };
-                    subs.resize(4 * out_plane, 0.0);
-                    for (parity, sub) in subs.chunks_exact_mut(out_plane).enumerate() {
-                        // (kernel row at the same output row, kernel row one output row away,
-                        // that row's offset); columns likewise with the neighbour mask.
-                        let (ki, ki_far, rows) = match parity / 2 {
-                            0 => (1, 3, -1),
-                            _ => (2, 0, 1),
-                        };
-                        let (kj, kj_far, col, mask) = match parity % 2 {
-                            0 => (1, 3, -1, &has_left),
-                            _ => (2, 0, 1, &has_right),
-                        };
-                        let row_shift = rows * out_w as isize;
-                        sub.copy_from_slice(tap(ki, kj));
-                        add_shifted(sub, tap(ki_far, kj), row_shift, None);
-                        add_shifted(sub, tap(ki, kj_far), col, Some(mask));
-                        add_shifted(sub, tap(ki_far, kj_far), row_shift + col, Some(mask));
-                    }
+                    // Each sub-image's kernel rows and columns (parity 0: 1 and 3, parity 1:
+                    // 2 and 0, as `K4_S2_TAPS` has them; the unshifted tap first, a plain
+                    // copy), spelt out so that every call's shifts are constants (from a
+                    // table in a loop: ~10 % slower at 7x7).
+                    let (even_even, rest) = subs.split_at_mut(out_plane);
+                    let (even_odd, rest) = rest.split_at_mut(out_plane);
+                    let (odd_even, odd_odd) = rest.split_at_mut(out_plane);
+                    sum_taps(&shifts, even_even, tap, [1, 3], [1, 3]);
+                    sum_taps(&shifts, even_odd, tap, [1, 3], [2, 0]);
+                    sum_taps(&shifts, odd_even, tap, [2, 0], [1, 3]);
+                    sum_taps(&shifts, odd_odd, tap, [2, 0], [2, 0]);
                     let [even_even, even_odd, odd_even, odd_odd] =
                         [0, 1, 2, 3].map(|parity| &subs[parity * out_plane..][..out_plane]);
                     for (t, rows) in dst.chunks_exact_mut(4 * out_w).enumerate() {
@@ -1489,19 +1509,24 @@ fn col2im_k4_s2_p1(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
         });
 }
 
-/// `dst[p] += src[p + shift]` wherever `p + shift` lies in `src` (and `mask[p]` holds).
+/// One parity sub-image of `col2im_k4_s2_p1`: the sum of the kernel taps `(ki, kj)` for
+/// `ki` in `rows` and `kj` in `cols`, each `[near, far]` (the kernel index at output offset
+/// 0, then the other), each tap shifted back by its output offsets.
 #[inline(always)]
-fn add_shifted(dst: &mut [f32], src: &[f32], shift: isize, mask: Option<&[bool]>) {
-    let (to, from) = shifted_ranges(dst.len(), shift);
-    let (dst, src) = (&mut dst[to.clone()], &src[from]);
-    match mask {
-        Some(mask) => {
-            for ((d, &s), &keep) in dst.iter_mut().zip(src).zip(&mask[to]) {
-                *d += if keep { s } else { 0.0 };
-            }
-        }
-        None => dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s),
-    }
+fn sum_taps<'a>(
+    shifts: &PlaneShifts,
+    sub: &mut [f32],
+    tap: impl Fn(usize, usize) -> &'a [f32],
+    rows: [usize; 2],
+    cols: [usize; 2],
+) {
+    let back = |k: usize| -K4_S2_TAPS[k].1;
+    let ([near_row, far_row], [near_col, far_col]) = (rows, cols);
+    let (row_shift, col_shift) = (back(far_row), back(far_col));
+    shifts.apply::<false>(sub, tap(near_row, near_col), back(near_row), back(near_col));
+    shifts.apply::<true>(sub, tap(far_row, near_col), row_shift, back(near_col));
+    shifts.apply::<true>(sub, tap(near_row, far_col), back(near_row), col_shift);
+    shifts.apply::<true>(sub, tap(far_row, far_col), row_shift, col_shift);
 }
 
 /// `dst[2u] = even[u]`, `dst[2u + 1] = odd[u]`.
