@@ -25,6 +25,11 @@
 //! cache. A kernel that covers the whole image (the generator's z -> 7x7 layer, the
 //! discriminator's last layer) is a fully connected layer and skips im2col entirely.
 //!
+//! The 4x4 / stride-2 sampling layers between wide feature maps, which do most of a SAGAN's
+//! arithmetic, go through Winograd F(4x4, 2x2) instead where its tiles fit the feature map
+//! well (`winograd`): about half the multiply-adds of im2col + GEMM. Their weight gradients
+//! stay on im2col.
+//!
 //! Only f32 CPU tensors take this path; `conv2d` and `conv_transpose2d` hand anything else to
 //! candle's own ops.
 
@@ -44,6 +49,9 @@ use super::matmul::{matmul, matmul_on, MatRef};
 use super::scratch::ScratchBuf;
 use super::simd::vectorized;
 use super::vector_math::lane_sum;
+
+mod winograd;
+use winograd::Direction;
 
 /// `y = conv2d(x, w)` without bias. `x` is `[B, Cin, H, W]`, `w` is `[Cout, Cin, k, k]` (square
 /// kernel); groups 1, dilation 1. Output spatial size is `(H + 2 * padding - k) / stride + 1`.
@@ -484,8 +492,10 @@ impl CustomOp3 for Conv2dEpilogueOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let geom = ConvGeom::for_conv2d(x.dims(), w.dims(), self.conv.stride, self.conv.padding)?;
         // A whole-image kernel is one GEMM without im2col / col2im (see `conv_forward`); the
-        // chunked pass below would add both (measured: a sagan-mnist28 step ~7 % slower).
-        if geom.is_dense() {
+        // chunked pass below would add both (measured: a sagan-mnist28 step ~7 % slower). A
+        // Winograd layer's input gradient is a Winograd transposed convolution, which shares
+        // nothing with the weight gradient's im2col.
+        if geom.is_dense() || geom.takes_winograd(Direction::Backward) {
             let (dz, dbias) = self.epilogue.backward(y, grad, bias)?;
             let (dx, dw) = self.conv.bwd(x, w, y, &dz)?;
             return Ok((dx, dw, dbias));
@@ -568,8 +578,9 @@ impl CustomOp2 for ConvTranspose2dOp {
             w: w.track_op(),
             bias: false,
         };
-        // As in `Conv2dEpilogueOp::bwd`: a whole-image kernel keeps its im2col-free GEMMs.
-        if geom.is_dense() {
+        // As in `Conv2dEpilogueOp::bwd`: a whole-image kernel keeps its im2col-free GEMMs, and a
+        // Winograd layer takes the Winograd convolution for its input gradient.
+        if geom.is_dense() || geom.takes_winograd(Direction::Forward) {
             let (_, _, k, _) = w.dims4()?;
             let conv_op = Conv2dOp {
                 stride: self.stride,
@@ -813,6 +824,9 @@ fn conv_forward(
     w: &[f32],
     epilogue: Option<(Epilogue, &[f32])>,
 ) -> candle_core::Result<Vec<f32>> {
+    if geom.takes_winograd(Direction::Forward) {
+        return winograd::conv_forward(geom, img, w, epilogue);
+    }
     let w_mat = MatRef::row_major(w, geom.out_c, geom.col_rows());
     let mut out = vec![0f32; geom.out_len()];
     let finish = |out: &mut [f32]| {
@@ -867,6 +881,9 @@ fn forward_chunk(
 /// Adjoint of `conv_forward`, output -> image: per batch chunk, `cols = W^T [C*k*k, O] x grad`,
 /// then col2im scatter-adds every column back onto the image pixels it was read from.
 fn conv_backward_data(geom: &ConvGeom, grad: &[f32], w: &[f32]) -> candle_core::Result<Vec<f32>> {
+    if geom.takes_winograd(Direction::Backward) {
+        return winograd::conv_backward_data(geom, grad, w);
+    }
     let w_mat = MatRef::row_major(w, geom.out_c, geom.col_rows());
     let mut img = vec![0f32; geom.img_len()];
     if geom.is_dense() {
@@ -1656,6 +1673,8 @@ mod tests {
         case(3, 2, 3, 13, 11, 7, 2, 1),
         case(3, 6, 3, 8, 8, 4, 2, 1),
         case(3, 4, 2, 1, 1, 1, 1, 0),
+        // Winograd (`ConvGeom::takes_winograd`), on a side the tiles do not divide.
+        case(8, 16, 24, 14, 22, 4, 2, 1),
         // Large enough to be split into chunks.
         case(3, 128, 3, 17, 17, 4, 1, 1),
     ];
@@ -1673,6 +1692,8 @@ mod tests {
         case(3, 4, 3, 4, 5, 7, 2, 1),
         case(2, 3, 2, 4, 4, 1, 2, 0),
         case(1, 1, 3, 6, 3, 4, 1, 1),
+        // Winograd (`ConvGeom::takes_winograd`), on a side the tiles do not divide.
+        case(8, 24, 16, 7, 11, 4, 2, 1),
         // Large enough to be split into chunks.
         case(3, 3, 128, 16, 16, 4, 1, 1),
     ];
@@ -1742,34 +1763,50 @@ mod tests {
         )
     }
 
-    #[test]
-    fn large_cases_are_split_into_chunks() {
-        let c = CONV_CASES[CONV_CASES.len() - 1];
+    /// The geometries of `conv2d` on `conv` and of `conv_transpose2d` on `conv_t`.
+    fn case_geoms(conv: Case, conv_t: Case) -> [ConvGeom; 2] {
+        let c = conv;
         let conv = ConvGeom::for_conv2d(
             &[c.b, c.cin, c.h, c.w],
             &[c.cout, c.cin, c.k, c.k],
             c.s,
             c.p,
         );
-        let c = CONV_T_CASES[CONV_T_CASES.len() - 1];
+        let c = conv_t;
         let op = ConvTranspose2dOp {
             stride: c.s,
             padding: c.p,
-            img_h: c.h + 1,
-            img_w: c.w + 1,
+            img_h: transposed_len(c.h, c.k, c.s, c.p).unwrap(),
+            img_w: transposed_len(c.w, c.k, c.s, c.p).unwrap(),
         };
         let conv_t = ConvGeom::for_conv_transpose2d(
             &[c.b, c.cin, c.h, c.w],
             &[c.cin, c.cout, c.k, c.k],
             &op,
         );
+        [conv.unwrap(), conv_t.unwrap()]
+    }
+
+    #[test]
+    fn large_cases_are_split_into_chunks() {
         let threads = rayon::current_num_threads();
-        for geom in [conv.unwrap(), conv_t.unwrap()] {
+        let last = |cases: &[Case]| cases[cases.len() - 1];
+        for geom in case_geoms(last(CONV_CASES), last(CONV_T_CASES)) {
             let items = chunk_items(&geom);
             let chunks = geom.batch.div_ceil(items);
             assert!(chunks > 1, "{geom:?}: {items} items per chunk");
             // As many chunks as the budget needs, evened out over the threads.
             assert!(chunks % threads == 0 || items == 1, "{chunks} chunks");
+        }
+    }
+
+    #[test]
+    fn the_winograd_cases_take_winograd() {
+        let before_last = |cases: &[Case]| cases[cases.len() - 2];
+        for geom in case_geoms(before_last(CONV_CASES), before_last(CONV_T_CASES)) {
+            for direction in [Direction::Forward, Direction::Backward] {
+                assert!(geom.takes_winograd(direction), "{geom:?} {direction:?}");
+            }
         }
     }
 
@@ -2005,10 +2042,16 @@ mod tests {
 
     #[test]
     fn transposed_conv_with_batch_norm_matches_the_separate_ops() {
-        // The whole-image kernel (dense path), the 4x4 / stride-2 kernels, a general one.
-        for (i, c) in [CONV_T_CASES[1], CONV_T_CASES[2], CONV_T_CASES[5]]
-            .iter()
-            .enumerate()
+        // The whole-image kernel (dense path), the 4x4 / stride-2 kernels (im2col and
+        // Winograd), a general one.
+        for (i, c) in [
+            CONV_T_CASES[1],
+            CONV_T_CASES[2],
+            CONV_T_CASES[CONV_T_CASES.len() - 2],
+            CONV_T_CASES[5],
+        ]
+        .iter()
+        .enumerate()
         {
             for act in [Activation::Relu, Activation::LeakyRelu] {
                 let what = format!("{c:?} {act:?}");

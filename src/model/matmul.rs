@@ -34,6 +34,15 @@ impl<'a> MatRef<'a> {
         }
     }
 
+    /// Rows `range` of the matrix, as a view over the same data.
+    pub fn rows(self, range: std::ops::Range<usize>) -> Self {
+        Self {
+            data: &self.data[(range.start * self.rs).min(self.data.len())..],
+            rows: range.len(),
+            ..self
+        }
+    }
+
     /// The matrix copied into a row-major scratch buffer.
     fn to_row_major(self) -> ScratchBuf {
         let mut out = ScratchBuf::take();

@@ -29,6 +29,18 @@ impl ScratchBuf {
     }
 }
 
+impl ScratchBuf {
+    /// The buffer's first `len` elements, stale, growing it (never shrinking it) to have
+    /// them: the pool hands its buffers to temporaries of every size, and a buffer resized
+    /// down and up again would be zero-filled past its shorter length each time.
+    pub(super) fn grown_to(&mut self, len: usize) -> &mut [f32] {
+        if self.0.len() < len {
+            self.0.resize(len, 0.0);
+        }
+        &mut self.0[..len]
+    }
+}
+
 impl Drop for ScratchBuf {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.0);
