@@ -51,7 +51,6 @@ use super::simd::vectorized;
 use super::vector_math::lane_sum;
 
 mod winograd;
-use winograd::Direction;
 
 /// `y = conv2d(x, w)` without bias. `x` is `[B, Cin, H, W]`, `w` is `[Cout, Cin, k, k]` (square
 /// kernel); groups 1, dilation 1. Output spatial size is `(H + 2 * padding - k) / stride + 1`.
@@ -495,7 +494,7 @@ impl CustomOp3 for Conv2dEpilogueOp {
         // chunked pass below would add both (measured: a sagan-mnist28 step ~7 % slower). A
         // Winograd layer's input gradient is a Winograd transposed convolution, which shares
         // nothing with the weight gradient's im2col.
-        if geom.is_dense() || geom.takes_winograd(Direction::Backward) {
+        if geom.is_dense() || geom.takes_winograd() {
             let (dz, dbias) = self.epilogue.backward(y, grad, bias)?;
             let (dx, dw) = self.conv.bwd(x, w, y, &dz)?;
             return Ok((dx, dw, dbias));
@@ -580,7 +579,7 @@ impl CustomOp2 for ConvTranspose2dOp {
         };
         // As in `Conv2dEpilogueOp::bwd`: a whole-image kernel keeps its im2col-free GEMMs, and a
         // Winograd layer takes the Winograd convolution for its input gradient.
-        if geom.is_dense() || geom.takes_winograd(Direction::Forward) {
+        if geom.is_dense() || geom.takes_winograd() {
             let (_, _, k, _) = w.dims4()?;
             let conv_op = Conv2dOp {
                 stride: self.stride,
@@ -824,7 +823,7 @@ fn conv_forward(
     w: &[f32],
     epilogue: Option<(Epilogue, &[f32])>,
 ) -> candle_core::Result<Vec<f32>> {
-    if geom.takes_winograd(Direction::Forward) {
+    if geom.takes_winograd() {
         return winograd::conv_forward(geom, img, w, epilogue);
     }
     let w_mat = MatRef::row_major(w, geom.out_c, geom.col_rows());
@@ -881,7 +880,7 @@ fn forward_chunk(
 /// Adjoint of `conv_forward`, output -> image: per batch chunk, `cols = W^T [C*k*k, O] x grad`,
 /// then col2im scatter-adds every column back onto the image pixels it was read from.
 fn conv_backward_data(geom: &ConvGeom, grad: &[f32], w: &[f32]) -> candle_core::Result<Vec<f32>> {
-    if geom.takes_winograd(Direction::Backward) {
+    if geom.takes_winograd() {
         return winograd::conv_backward_data(geom, grad, w);
     }
     let w_mat = MatRef::row_major(w, geom.out_c, geom.col_rows());
@@ -1804,9 +1803,7 @@ mod tests {
     fn the_winograd_cases_take_winograd() {
         let before_last = |cases: &[Case]| cases[cases.len() - 2];
         for geom in case_geoms(before_last(CONV_CASES), before_last(CONV_T_CASES)) {
-            for direction in [Direction::Forward, Direction::Backward] {
-                assert!(geom.takes_winograd(direction), "{geom:?} {direction:?}");
-            }
+            assert!(geom.takes_winograd(), "{geom:?}");
         }
     }
 

@@ -49,10 +49,9 @@ const KERNEL_INDEX: [[usize; 2]; 2] = [[1, 3], [0, 2]];
 /// Fewest tiles (GEMM columns) for which the transforms pay off against im2col's single GEMM.
 const MIN_TILES: usize = 32;
 
-/// Most multiply-adds, as a share of im2col's, for which Winograd pays for its transforms. The
-/// tiles' padding decides it: the transposed direction's full correlation is one pixel larger
-/// than the output side, so a 7x7 side takes 2 x 2 tiles (0.51 of the multiply-adds) both
-/// ways, but an 8x8 side 3 x 3 of them that way (0.88; sagan64 trained 13 % slower with it).
+/// Most multiply-adds, as a share of im2col's, for which Winograd pays for its transforms: the
+/// tiles' padding decides it. Sides of 4, 8 and 16 take 0.39 of the multiply-adds, 7 and 14
+/// 0.51, but 5 or 6 take 1.0 and 0.69.
 const MAX_WORK: f64 = 0.55;
 
 /// Largest transformed-tile buffer of one batch chunk, in f32s (4 MiB): the chunk's
@@ -63,15 +62,16 @@ const MAX_WORK: f64 = 0.55;
 const CHUNK_BUDGET: usize = 1 << 20;
 
 impl ConvGeom {
-    /// Whether the convolution goes through Winograd in `direction`: the SAGAN sampling kernel
-    /// between layers wide enough for the transforms' cost to be small beside the GEMMs (not
-    /// the RGB or greyscale end of a network), on enough tiles for efficient GEMMs and with
-    /// little padding in them (`MAX_WORK`).
-    pub(super) fn takes_winograd(&self, direction: Direction) -> bool {
+    /// Whether the convolution goes through Winograd: the SAGAN sampling kernel between layers
+    /// wide enough for the transforms' cost to be small beside the GEMMs (not the RGB or
+    /// greyscale end of a network), on enough tiles for efficient GEMMs and with little padding
+    /// in them (`MAX_WORK`).
+    pub(super) fn takes_winograd(&self) -> bool {
         if !(enabled() && self.is_k4_s2_p1() && self.img_c >= 16 && self.out_c >= 16) {
             return false;
         }
-        let (tiles_h, tiles_w) = tile_grid(self, direction);
+        // Both directions tile the output side's pixels (see `Plan::all`).
+        let (tiles_h, tiles_w) = tile_grid(self.out_h, self.out_w);
         let tiles = tiles_h * tiles_w;
         // Per pair of channels and item: 25 points per tile and parity against 16 taps per
         // output-side pixel.
@@ -80,17 +80,9 @@ impl ConvGeom {
     }
 }
 
-/// The tiles covering a correlation result in `direction`: the output side's size forward,
-/// one larger backward.
-fn tile_grid(geom: &ConvGeom, direction: Direction) -> (usize, usize) {
-    let grow = match direction {
-        Direction::Forward => 0,
-        Direction::Backward => 1,
-    };
-    (
-        (geom.out_h + grow).div_ceil(TILE),
-        (geom.out_w + grow).div_ceil(TILE),
-    )
+/// The tiles covering an `h x w` correlation result.
+fn tile_grid(h: usize, w: usize) -> (usize, usize) {
+    (h.div_ceil(TILE), w.div_ceil(TILE))
 }
 
 /// Whether Winograd is on: `SAGAN_WINOGRAD=0` turns it off, to rule it out when chasing a
@@ -109,18 +101,19 @@ fn enabled() -> bool {
     }
 }
 
-/// `conv_forward` (image -> output) where `ConvGeom::takes_winograd(Forward)`, with the
-/// epilogue applied.
+/// `conv_forward` (image -> output) where `ConvGeom::takes_winograd`, with the epilogue
+/// applied.
 pub(super) fn conv_forward(
     geom: &ConvGeom,
     img: &[f32],
     w: &[f32],
     epilogue: Option<(Epilogue, &[f32])>,
 ) -> candle_core::Result<Vec<f32>> {
-    let plan = Plan::new(geom, Direction::Forward);
     let u = transformed_kernels(geom, w, Direction::Forward);
     let mut out = vec![0f32; geom.out_len()];
-    plan.run(img, &u, &mut out)?;
+    for plan in Plan::all(geom, Direction::Forward) {
+        plan.run(img, &u, &mut out)?;
+    }
     if let Some((epilogue, bias)) = epilogue {
         epilogue.apply_in_place(&mut out, bias, geom.out_plane());
     }
@@ -128,22 +121,24 @@ pub(super) fn conv_forward(
 }
 
 /// `conv_backward_data` (output -> image, the transposed convolution) where
-/// `ConvGeom::takes_winograd(Backward)`.
+/// `ConvGeom::takes_winograd`.
 pub(super) fn conv_backward_data(
     geom: &ConvGeom,
     grad: &[f32],
     w: &[f32],
 ) -> candle_core::Result<Vec<f32>> {
-    let plan = Plan::new(geom, Direction::Backward);
     let u = transformed_kernels(geom, w, Direction::Backward);
     let mut img = vec![0f32; geom.img_len()];
-    plan.run(grad, &u, &mut img)?;
+    // Each plan writes its own parities' pixels.
+    for plan in Plan::all(geom, Direction::Backward) {
+        plan.run(grad, &u, &mut img)?;
+    }
     Ok(img)
 }
 
 /// Which way a convolution's linear map runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Direction {
+enum Direction {
     /// Image -> output: the valid correlation of the padded parity sub-images.
     Forward,
     /// Output -> image: the full correlation of the output side.
@@ -162,20 +157,20 @@ struct PlaneMap {
 }
 
 impl PlaneMap {
-    /// The parity `(py, px)` sub-image of an image plane, padded before odd parities.
-    fn parity(geom: &ConvGeom, py: usize, px: usize) -> Self {
+    /// The parity `(py, px)` sub-image of an image plane, padded by `offset` before it.
+    fn parity(geom: &ConvGeom, (py, px): (usize, usize), offset: (usize, usize)) -> Self {
         Self {
-            offset: (py, px),
+            offset,
             base: py * geom.img_w + px,
             row_step: 2 * geom.img_w,
             col_step: 2,
         }
     }
 
-    /// An output-side plane, padded by `pad` before it.
-    fn output(geom: &ConvGeom, pad: usize) -> Self {
+    /// An output-side plane, padded by `offset` before it.
+    fn output(geom: &ConvGeom, offset: (usize, usize)) -> Self {
         Self {
-            offset: (pad, pad),
+            offset,
             base: 0,
             row_step: geom.out_w,
             col_step: 1,
@@ -202,21 +197,26 @@ struct Side {
 }
 
 impl Side {
-    fn image(geom: &ConvGeom) -> Self {
+    /// The image's parity sub-images `parities`, each padded by `offset(parity)`.
+    fn image(
+        geom: &ConvGeom,
+        parities: impl Iterator<Item = (usize, usize)>,
+        offset: impl Fn((usize, usize)) -> (usize, usize),
+    ) -> Self {
         Self {
             groups: geom.img_c,
             plane: geom.img_h * geom.img_w,
-            maps: (0..4)
-                .map(|sub| PlaneMap::parity(geom, sub / 2, sub % 2))
+            maps: parities
+                .map(|parity| PlaneMap::parity(geom, parity, offset(parity)))
                 .collect(),
         }
     }
 
-    fn output(geom: &ConvGeom, pad: usize) -> Self {
+    fn output(geom: &ConvGeom, offset: (usize, usize)) -> Self {
         Self {
             groups: geom.out_c,
             plane: geom.out_plane(),
-            maps: vec![PlaneMap::output(geom, pad)],
+            maps: vec![PlaneMap::output(geom, offset)],
         }
     }
 
@@ -237,18 +237,69 @@ struct Plan {
     input: Side,
     output: Side,
     direction: Direction,
+    /// The one image parity a backward plan computes, when the four are computed apart
+    /// (`Plan::all`).
+    parity: Option<usize>,
+    /// Elements of one point's transformed kernels: `O x 4C`.
+    point_len: usize,
     /// Batch items per chunk: as many as `CHUNK_BUDGET` allows.
     chunk_items: usize,
 }
 
 impl Plan {
-    fn new(geom: &ConvGeom, direction: Direction) -> Self {
-        let (input, output) = match direction {
-            Direction::Forward => (Side::image(geom), Side::output(geom, 0)),
-            Direction::Backward => (Side::output(geom, 1), Side::image(geom)),
-        };
-        let (tiles_h, tiles_w) = tile_grid(geom, direction);
+    /// The plans that compute the convolution in `direction`. The backward's full correlation
+    /// is one pixel larger than the output side: where that takes more tiles, each image parity
+    /// is its own correlation instead, over exactly the output side's pixels (rows `t + py` of
+    /// the full result are rows `t` of the output side padded by `1 - py`), at the cost of four
+    /// input transforms.
+    fn all(geom: &ConvGeom, direction: Direction) -> Vec<Self> {
+        let parities = || (0..4).map(|sub| (sub / 2, sub % 2));
+        let (h, w) = (geom.out_h, geom.out_w);
+        let whole_fits = tile_grid(h + 1, w + 1) == tile_grid(h, w);
+        match direction {
+            Direction::Forward => vec![Self::new(
+                geom,
+                direction,
+                Side::image(geom, parities(), |parity| parity),
+                Side::output(geom, (0, 0)),
+                None,
+            )],
+            Direction::Backward if whole_fits => vec![Self::new(
+                geom,
+                direction,
+                Side::output(geom, (1, 1)),
+                Side::image(geom, parities(), |parity| parity),
+                None,
+            )],
+            Direction::Backward => parities()
+                .enumerate()
+                .map(|(sub, (py, px))| {
+                    Self::new(
+                        geom,
+                        direction,
+                        Side::output(geom, (1 - py, 1 - px)),
+                        Side::image(geom, std::iter::once((py, px)), |_| (0, 0)),
+                        Some(sub),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn new(
+        geom: &ConvGeom,
+        direction: Direction,
+        input: Side,
+        output: Side,
+        parity: Option<usize>,
+    ) -> Self {
+        // The whole backward correlation is one pixel larger than the output side.
+        let grow = (direction == Direction::Backward && parity.is_none()) as usize;
+        let (tiles_h, tiles_w) = tile_grid(geom.out_h + grow, geom.out_w + grow);
         let per_item = POINTS * tiles_h * tiles_w * input.rows().max(output.rows());
+        // Evened out: 64 items in four chunks of 16 rather than 3 x 20 and a 4.
+        let batch = geom.batch.max(1);
+        let items = (CHUNK_BUDGET / per_item.max(1)).clamp(1, batch);
         Self {
             batch: geom.batch,
             valid: (geom.out_h, geom.out_w),
@@ -257,12 +308,9 @@ impl Plan {
             input,
             output,
             direction,
-            chunk_items: {
-                // Evened out: 64 items in four chunks of 16 rather than 3 x 20 and a 4.
-                let batch = geom.batch.max(1);
-                let items = (CHUNK_BUDGET / per_item.max(1)).clamp(1, batch);
-                batch.div_ceil(batch.div_ceil(items))
-            },
+            parity,
+            point_len: 4 * geom.img_c * geom.out_c,
+            chunk_items: batch.div_ceil(batch.div_ceil(items)),
         }
     }
 
@@ -273,7 +321,7 @@ impl Plan {
     /// The whole correlation, `src` to `dst` (both `[batch, groups, plane]`), with the
     /// transformed kernels `u [POINTS, output rows, input rows]`, `chunk_items` at a time.
     fn run(&self, src: &[f32], u: &[f32], dst: &mut [f32]) -> candle_core::Result<()> {
-        let u = &u[..POINTS * self.output.rows() * self.input.rows()];
+        let u = &u[..POINTS * self.point_len];
         let items = self.chunk_items;
         let (src_item, dst_item) = (
             self.input.groups * self.input.plane,
@@ -371,17 +419,18 @@ impl Plan {
             self.batch * self.tiles(),
         );
         let half = rows.div_ceil(2).max(1);
+        let first_row = self.parity.map_or(0, |sub| sub * rows);
         let mut tasks = Vec::with_capacity(2 * POINTS);
         for ((m, u), v) in m
             .chunks_exact_mut(rows * n)
-            .zip(u.chunks_exact(rows * cols))
+            .zip(u.chunks_exact(self.point_len))
             .zip(v.chunks_exact(cols * n))
         {
             let u = match self.direction {
                 Direction::Forward => MatRef::row_major(u, rows, cols),
-                Direction::Backward => MatRef::row_major(u, cols, rows).t(),
+                Direction::Backward => MatRef::row_major(u, cols, self.point_len / cols).t(),
             };
-            for (start, m) in (0..rows).step_by(half).zip(m.chunks_mut(half * n)) {
+            for (start, m) in (first_row..).step_by(half).zip(m.chunks_mut(half * n)) {
                 let u = u.rows(start..start + m.len() / n);
                 tasks.push((m, u, v));
             }
@@ -738,49 +787,57 @@ mod tests {
 
     #[test]
     fn batch_chunks_give_the_whole_batch_result() {
-        let g = geom(5, 16, 16, 7, 7);
-        let (img, weight) = (random(g.img_len(), 50), random(g.kernel_len(), 51));
-        for direction in [Direction::Forward, Direction::Backward] {
-            let u = transformed_kernels(&g, &weight, direction);
-            let src = match direction {
-                Direction::Forward => &img[..],
-                Direction::Backward => &img[..g.out_len()],
-            };
-            let whole = Plan::new(&g, direction);
-            assert_eq!(whole.chunk_items, 5);
-            let dst_len = match direction {
-                Direction::Forward => g.out_len(),
-                Direction::Backward => g.img_len(),
-            };
-            let (mut want, mut got) = (vec![0f32; dst_len], vec![0f32; dst_len]);
-            whole.run(src, &u, &mut want).unwrap();
-            let chunked = Plan {
-                chunk_items: 2,
-                ..whole
-            };
-            chunked.run(src, &u, &mut got).unwrap();
-            assert_eq!(got, want, "{direction:?}");
+        // A 7x7 side's backward is one correlation, an 8x8 side's four (`Plan::all`).
+        for (g, backward_plans) in [(geom(5, 16, 16, 7, 7), 1), (geom(5, 16, 16, 8, 8), 4)] {
+            let (img, weight) = (random(g.img_len(), 50), random(g.kernel_len(), 51));
+            for direction in [Direction::Forward, Direction::Backward] {
+                let u = transformed_kernels(&g, &weight, direction);
+                let (src, dst_len) = match direction {
+                    Direction::Forward => (&img[..], g.out_len()),
+                    Direction::Backward => (&img[..g.out_len()], g.img_len()),
+                };
+                let plans = Plan::all(&g, direction);
+                let want_plans = match direction {
+                    Direction::Forward => 1,
+                    Direction::Backward => backward_plans,
+                };
+                assert_eq!(plans.len(), want_plans, "{g:?} {direction:?}");
+                let (mut want, mut got) = (vec![0f32; dst_len], vec![0f32; dst_len]);
+                for whole in plans {
+                    assert_eq!(whole.chunk_items, 5);
+                    whole.run(src, &u, &mut want).unwrap();
+                    let chunked = Plan {
+                        chunk_items: 2,
+                        ..whole
+                    };
+                    chunked.run(src, &u, &mut got).unwrap();
+                }
+                assert_eq!(got, want, "{g:?} {direction:?}");
+            }
         }
     }
 
     #[test]
     fn only_wide_sampling_layers_on_enough_tiles_with_little_padding_take_winograd() {
-        use Direction::{Backward, Forward};
-        for direction in [Forward, Backward] {
-            assert!(geom(64, 64, 128, 7, 7).takes_winograd(direction));
-            assert!(geom(8, 16, 16, 7, 7).takes_winograd(direction));
-            assert!(!geom(7, 16, 16, 7, 7).takes_winograd(direction), "28 tiles");
-            let greyscale = geom(64, 1, 64, 14, 14);
-            assert!(!greyscale.takes_winograd(direction));
-            assert!(!geom(64, 128, 1, 14, 14).takes_winograd(direction));
-            let stride_1 = ConvGeom {
-                stride: 1,
-                ..geom(64, 64, 64, 7, 7)
-            };
-            assert!(!stride_1.takes_winograd(direction));
+        for side in [4, 7, 8, 14, 16] {
+            assert!(geom(64, 64, 128, side, side).takes_winograd(), "{side}");
         }
-        // An 8x8 side: 2 x 2 tiles forward, 3 x 3 for the transposed direction's 9 x 9.
-        assert!(geom(64, 128, 256, 8, 8).takes_winograd(Forward));
-        assert!(!geom(64, 128, 256, 8, 8).takes_winograd(Backward));
+        assert!(!geom(64, 64, 128, 5, 5).takes_winograd(), "1.0 of the work");
+        assert!(
+            !geom(64, 64, 128, 6, 6).takes_winograd(),
+            "0.69 of the work"
+        );
+        assert!(geom(8, 16, 16, 7, 7).takes_winograd());
+        assert!(!geom(7, 16, 16, 7, 7).takes_winograd(), "28 tiles");
+        assert!(!geom(64, 1, 64, 14, 14).takes_winograd(), "greyscale image");
+        assert!(
+            !geom(64, 128, 1, 14, 14).takes_winograd(),
+            "one output channel"
+        );
+        let stride_1 = ConvGeom {
+            stride: 1,
+            ..geom(64, 64, 64, 7, 7)
+        };
+        assert!(!stride_1.takes_winograd());
     }
 }
