@@ -559,19 +559,25 @@ fn transform_kernels(taps: [&[f32]; 4], dst: &mut [&mut [f32]]) {
 #[inline(always)]
 fn input_1d(x: &mut [Lanes; POINTS], at: [usize; SPAN]) {
     for l in 0..LANES {
-        let [d0, d1, d2, d3, d4] = [
-            x[at[0]][l],
-            x[at[1]][l],
-            x[at[2]][l],
-            x[at[3]][l],
-            x[at[4]][l],
-        ];
+        let [d0, d1, d2, d3, d4] = lane_at(x, at, l);
         x[at[0]][l] = 2.0 * d0 - d1 - 2.0 * d2 + d3;
         x[at[1]][l] = d3 - 2.0 * d1 - d2;
         x[at[2]][l] = 2.0 * d1 - 3.0 * d2 + d3;
         x[at[3]][l] = d3 - d1;
         x[at[4]][l] = 2.0 * d1 - d2 - 2.0 * d3 + d4;
     }
+}
+
+/// Lane `l` of the tile's elements at the indices `at`.
+#[inline(always)]
+fn lane_at(x: &[Lanes; POINTS], at: [usize; SPAN], l: usize) -> [f32; SPAN] {
+    [
+        x[at[0]][l],
+        x[at[1]][l],
+        x[at[2]][l],
+        x[at[3]][l],
+        x[at[4]][l],
+    ]
 }
 
 /// `G k` along one axis, in place: `k` at the first two of the indices `at`.
@@ -593,13 +599,7 @@ fn kernel_1d(x: &mut [Lanes; POINTS], at: [usize; SPAN]) {
 #[inline(always)]
 fn output_1d(x: &mut [Lanes; POINTS], at: [usize; SPAN]) {
     for l in 0..LANES {
-        let [m0, m1, m2, m3, m4] = [
-            x[at[0]][l],
-            x[at[1]][l],
-            x[at[2]][l],
-            x[at[3]][l],
-            x[at[4]][l],
-        ];
+        let [m0, m1, m2, m3, m4] = lane_at(x, at, l);
         x[at[0]][l] = m0 + m1 + m2 + m3;
         x[at[1]][l] = m1 - m2 + 2.0 * m3;
         x[at[2]][l] = m1 + m2 + 4.0 * m3;
