@@ -136,6 +136,53 @@ pub struct NetConfig {
     pub layers: Vec<LayerConfig>,
 }
 
+/// How the weights and biases of the (transposed) convolutions and linear layers start. Under
+/// spectral normalisation a weight's scale does not change the forward pass, but it sets how far
+/// each Adam step moves the normalised weight: a smaller weight turns faster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightInit {
+    /// PyTorch's layer default, which the PyTorch SAGANs keep: weight and bias uniform in
+    /// +-1/sqrt(fan_in), with fan_in counted as PyTorch does (dimension 1 times the kernel area,
+    /// so out * k * k for a transposed convolution's [in, out, k, k] weight).
+    #[default]
+    Pytorch,
+    /// Weights from N(0, 0.02), zero biases: the DCGAN convention.
+    Normal,
+    /// Glorot uniform weights, zero biases: the official TensorFlow SAGAN's.
+    Xavier,
+}
+
+/// Training settings a preset may carry; `sagan-train`'s flags override them, and what neither
+/// sets comes from `TrainConfig::default()` (the paper's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresetTraining {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_d: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_g: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta2: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_dis: Option<usize>,
+    /// 0 keeps no average.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ema_decay: Option<f64>,
+}
+
+impl PresetTraining {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -149,6 +196,10 @@ pub struct ModelConfig {
     /// Negative slope of every LeakyReLU.
     #[serde(default = "default_leaky_slope")]
     pub leaky_slope: f64,
+    #[serde(default)]
+    pub init: WeightInit,
+    #[serde(default, skip_serializing_if = "PresetTraining::is_empty")]
+    pub training: PresetTraining,
     pub generator: NetConfig,
     pub discriminator: NetConfig,
 }
@@ -384,7 +435,7 @@ pub struct TrainConfig {
     pub ema_decay: Option<f64>,
     pub seed: u64,
     /// The training images: an MNIST IDX file or directory, or an image folder; `None` is the
-    /// built-in MNIST subset.
+    /// built-in MNIST training set.
     pub data: Option<std::path::PathBuf>,
 }
 
@@ -408,6 +459,25 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// The paper's settings, overridden by what `model`'s preset sets.
+    pub fn for_preset(model: &ModelConfig) -> Self {
+        let d = Self::default();
+        let t = &model.training;
+        Self {
+            steps: t.steps.unwrap_or(d.steps),
+            batch_size: t.batch_size.unwrap_or(d.batch_size),
+            lr_d: t.lr_d.unwrap_or(d.lr_d),
+            lr_g: t.lr_g.unwrap_or(d.lr_g),
+            beta1: t.beta1.unwrap_or(d.beta1),
+            beta2: t.beta2.unwrap_or(d.beta2),
+            n_dis: t.n_dis.unwrap_or(d.n_dis),
+            ema_decay: t
+                .ema_decay
+                .map_or(d.ema_decay, |x| Some(x).filter(|&x| x != 0.0)),
+            ..d
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         let fail = |msg: String| Err(Error::Config(msg));
         if self.steps == 0 {
@@ -483,6 +553,58 @@ mod tests {
         let text = BUILTIN_PRESETS[0].1.replacen("kernel = 7", "kernal = 7", 1);
         let err = ModelConfig::from_toml(&text).unwrap_err().to_string();
         assert!(err.contains("kernal"), "{err}");
+    }
+
+    #[test]
+    fn a_presets_training_settings_override_the_papers() {
+        let cfg = ModelConfig::resolve("sagan-mnist28").unwrap();
+        let paper = TrainConfig::default();
+        let preset = TrainConfig::for_preset(&cfg);
+        assert_eq!(Some(preset.lr_g), cfg.training.lr_g);
+        assert_eq!(preset.lr_d, paper.lr_d);
+        let edited = ModelConfig {
+            training: PresetTraining {
+                steps: Some(7),
+                batch_size: Some(3),
+                ema_decay: Some(0.0),
+                ..cfg.training.clone()
+            },
+            ..cfg.clone()
+        };
+        let edited = TrainConfig::for_preset(&edited);
+        assert_eq!((edited.steps, edited.batch_size), (7, 3));
+        assert_eq!(edited.ema_decay, None);
+        // What the preset sets travels with it, and nothing it leaves unset.
+        let json = cfg.to_json();
+        assert!(json.contains("\"training\":{\"steps\":2400,"), "{json}");
+        assert!(!json.contains("null"), "{json}");
+        assert_eq!(ModelConfig::from_json(&json).unwrap(), cfg);
+    }
+
+    #[test]
+    fn training_settings_and_init_are_checked_by_name() {
+        let typo = BUILTIN_PRESETS[0]
+            .1
+            .replace("[training]", "[training]\nlr_gg = 1.0");
+        let err = ModelConfig::from_toml(&typo).unwrap_err().to_string();
+        assert!(err.contains("lr_gg"), "{err}");
+        let init = BUILTIN_PRESETS[0]
+            .1
+            .replace("init = \"pytorch\"", "init = \"kaiming\"");
+        let err = ModelConfig::from_toml(&init).unwrap_err().to_string();
+        assert!(err.contains("kaiming"), "{err}");
+        // A preset without the fields (as stored in older checkpoints) gets the defaults.
+        let bare = BUILTIN_PRESETS[0].1.replace("init = \"pytorch\"", "");
+        let bare = &bare[..bare.find("[training]").unwrap()];
+        let bare = format!(
+            "{bare}{}",
+            &BUILTIN_PRESETS[0].1[BUILTIN_PRESETS[0].1.find("[generator]").unwrap()..]
+        );
+        let cfg = ModelConfig::from_toml(&bare).unwrap();
+        assert_eq!(
+            (cfg.init, cfg.training),
+            (WeightInit::Pytorch, PresetTraining::default())
+        );
     }
 
     #[test]

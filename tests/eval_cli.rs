@@ -10,9 +10,10 @@ use common::{manifest_dir, ort_lib};
 
 use assert_cmd::Command;
 use sagan::data::{DataSource, Dataset};
+use sagan::eval::nearest::{nearest_grid, NearestOptions};
 use sagan::eval::{summarise, FeatureNet, FeatureNetOptions, Resize};
 use sagan::image_io::ImageBatch;
-use sagan::infer::{LibrarySearch, Runtime};
+use sagan::infer::{latents, Generator, LibrarySearch, LoadOptions, Runtime};
 use std::path::{Path, PathBuf};
 
 fn fixture(rel: &str) -> String {
@@ -118,7 +119,7 @@ fn accuracy(channels: usize, size: usize, n: usize, resize: Resize) -> f64 {
 
 #[test]
 fn classifier_recognises_digits_through_every_conversion() {
-    // As trained: 1x28x28 in [-1, 1]. The subset is training data, so near-perfect.
+    // As trained: 1x28x28 in [-1, 1]. These are training digits, so near-perfect.
     let native = accuracy(1, 28, 1000, Resize::Bilinear);
     assert!(native > 0.97, "native accuracy {native}");
     // RGB goes through luma back to the same grey values.
@@ -281,8 +282,8 @@ fn bad_input_is_one_clean_error() {
             "--batch must be at least 1",
         ),
         (
-            &["--baseline", "--data", "builtin", "--count", "4000"],
-            "use --count 3000 or less",
+            &["--baseline", "--data", "builtin", "--count", "40000"],
+            "use --count 30000 or less",
         ),
         (
             &["--baseline", "--data", "no/such/dir"],
@@ -296,4 +297,94 @@ fn bad_input_is_one_clean_error() {
     for (args, needle) in cases {
         assert_clean_error(args, needle);
     }
+}
+
+#[test]
+fn nearest_finds_a_sample_among_real_digits_and_draws_it_beside_itself() {
+    // The reference set holds 40 real digits with the generator's own samples mixed in at
+    // known places: each sample's nearest image must be itself, at distance 0.
+    let model = PathBuf::from(fixture("onnx/tiny-generator.onnx"));
+    let classifier = PathBuf::from(fixture("mnist-classifier.onnx"));
+    let options = FeatureNetOptions::default();
+    let mut net = FeatureNet::load(runtime(), &classifier, &options).unwrap();
+    let mut generator = Generator::load(runtime(), &model, &LoadOptions::default()).unwrap();
+    let (h, w) = generator.size();
+    let data = Dataset::load(&DataSource::Builtin, 1, h).unwrap();
+    let nearest = NearestOptions {
+        samples: 3,
+        k: 4,
+        batch: 16,
+        seed: 5,
+    };
+    let z = latents(nearest.seed, nearest.samples, generator.z_dim());
+    let samples = generator
+        .generate(&z, None, nearest.samples)
+        .unwrap()
+        .images;
+    let size = h * w;
+    let placed = [7, 20, 33];
+    let fill = |range: std::ops::Range<usize>, out: &mut Vec<f32>| {
+        for i in range {
+            match placed.iter().position(|&p| p == i) {
+                Some(s) => out.extend_from_slice(&samples[s * size..(s + 1) * size]),
+                None => data.fill_batch(&[i], out),
+            }
+        }
+        Ok(())
+    };
+    let (grid, neighbours) = nearest_grid(&mut generator, &mut net, 40, fill, &nearest).unwrap();
+    for (s, row) in neighbours.iter().enumerate() {
+        assert_eq!(row.len(), 4);
+        assert_eq!(row[0], (placed[s], 0.0), "sample {s}: {row:?}");
+        assert!(row.windows(2).all(|p| p[0].1 <= p[1].1), "{row:?}");
+    }
+    // Five tiles a row (the sample, then its neighbours), three rows; the first neighbour's
+    // tile is the sample's.
+    // A 2-pixel gap around and between tiles.
+    let (pitch_w, pitch_h) = ((grid.width() - 2) / 5, (grid.height() - 2) / 3);
+    assert_eq!((grid.width() - 2) % 5, 0, "{}", grid.width());
+    assert_eq!((grid.height() - 2) % 3, 0, "{}", grid.height());
+    let tile = |row: u32, col: u32| {
+        let (x, y) = (2 + col * pitch_w, 2 + row * pitch_h);
+        image::imageops::crop_imm(&grid, x, y, pitch_w - 2, pitch_h - 2).to_image()
+    };
+    for row in 0..3 {
+        assert_eq!(tile(row, 0), tile(row, 1));
+        assert_ne!(tile(row, 0), tile(row, 2));
+    }
+}
+
+#[test]
+fn nearest_writes_its_grid_and_refuses_bad_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("onnx/tiny-generator.onnx");
+    let png = dir.path().join("nearest.png");
+    let base = ["--model", &model, "--data", "builtin", "--count", "200"];
+    let args = [
+        &base[..],
+        &["--nearest", "nearest.png", "--nearest-samples", "2"],
+    ]
+    .concat();
+    let out = eval(dir.path()).args(&args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("nearest: nearest.png (2 samples, each followed by its 8 nearest"),
+        "{stdout}"
+    );
+    let grid = image::open(&png).unwrap();
+    assert!(
+        grid.width() > 4 * grid.height(),
+        "{}x{}",
+        grid.width(),
+        grid.height()
+    );
+    assert_clean_error(
+        &[&base[..], &["--nearest", "n.png", "--nearest-k", "0"]].concat(),
+        "1..=60000 neighbours each",
+    );
 }

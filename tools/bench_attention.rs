@@ -11,7 +11,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, ModuleT, Tensor};
 use candle_nn::VarMap;
-use sagan::config::AttentionConfig;
+use sagan::config::{AttentionConfig, WeightInit};
 use sagan::model::SelfAttention;
 use sagan::rng::{normal_vec, seeded_var_builder, stream};
 use std::time::Instant;
@@ -36,6 +36,7 @@ fn measure(side: usize, pooled: bool, batch: usize, channels: usize, runs: usize
         seeded_var_builder(&varmap, stream(1, 1), &device),
         channels,
         &AttentionConfig { pooled },
+        WeightInit::default(),
     )?;
     // A non-zero gamma: the attention output must reach the loss, as in a trained model.
     for (name, var) in varmap.data().lock().expect("varmap").iter() {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Regenerates the small test fixtures under fixtures/ (all but fixtures/mnist-subset/).
+"""Regenerates the small test fixtures under fixtures/ (all but fixtures/mnist/).
 
 Deterministic: run it from the repository root with Python 3.11+ and Pillow
 (`pip install pillow`); the pictures are drawn, not random.

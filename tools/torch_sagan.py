@@ -14,22 +14,26 @@ Each command prints one JSON line:
   torch_sagan.py generate --generator G.safetensors --z z.npy --out images.npy
   torch_sagan.py --threads 2 train --checkpoint STEP_DIR --batch-size 64 --warmup 1 --steps 5
   torch_sagan.py --threads 2 infer --generator G.safetensors --batch 64 --warmup 3 --runs 20
+  torch_sagan.py --threads 2 fit --preset models/sagan-mnist28.toml --data data/mnist --out DIR
 generate evaluates the network as trained (W / sigma from the stored u and v, batch norm with
 its running statistics); infer first folds spectral norm into the weights, as a PyTorch model is
-served.
+served. fit trains from fresh weights (the reference of tools/experiment-reference.sh), with
+sagan's step or, with --plain, a plain PyTorch SAGAN's.
 """
 import argparse
 import gzip
 import json
+import math
 import os
 import struct
 import time
+import tomllib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,8 +68,9 @@ class SNConv(nn.Module):
                 v = normalize(matrix.t() @ self.weight_u)
                 self.weight_u.copy_(normalize(matrix @ v))
                 self.weight_v.copy_(v)
-        # Differentiable in W; u and v are constants.
-        sigma = torch.dot(self.weight_u, matrix @ self.weight_v)
+        # Differentiable in W; u and v are constants, cloned (as PyTorch's spectral_norm does) so
+        # that a later forward's power iteration leaves this graph's copies alone.
+        sigma = torch.dot(self.weight_u.clone(), matrix @ self.weight_v.clone())
         return self.weight / sigma
 
     def forward(self, x, train):
@@ -93,7 +98,7 @@ class SNLinear(nn.Module):
                 v = normalize(self.weight.t() @ self.weight_u)
                 self.weight_u.copy_(normalize(self.weight @ v))
                 self.weight_v.copy_(v)
-        return self.weight / torch.dot(self.weight_u, self.weight @ self.weight_v)
+        return self.weight / torch.dot(self.weight_u.clone(), self.weight @ self.weight_v.clone())
 
     def forward(self, x, train):
         return F.linear(x, self.normalized_weight(train), self.bias)
@@ -290,9 +295,14 @@ def load(path):
     return net, meta
 
 
-def mnist_images(channels, size):
-    """sagan-train's default data, the built-in MNIST subset, as uint8 [n, channels, size, size]."""
-    with gzip.open(os.path.join(ROOT, "fixtures/mnist-subset/train-images-idx3-ubyte.gz")) as f:
+def mnist_images(channels, size, path=None):
+    """MNIST training digits as uint8 [n, channels, size, size]: an IDX file (raw or .gz), a
+    directory holding train-images-idx3-ubyte[.gz], or by default sagan-train's built-in MNIST."""
+    path = path or os.path.join(ROOT, "fixtures/mnist/train-images-idx3-ubyte.gz")
+    if os.path.isdir(path):
+        names = [os.path.join(path, n) for n in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz")]
+        path = next((n for n in names if os.path.exists(n)), names[-1])
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         data = f.read()
     n, rows, cols = struct.unpack(">III", data[4:16])
     images = torch.frombuffer(bytearray(data[16:]), dtype=torch.uint8).reshape(n, 1, rows, cols)
@@ -303,27 +313,39 @@ def mnist_images(channels, size):
 
 
 class Trainer:
-    """sagan-train's step: n_dis D steps (real and fake in one batch), one G step, the EMA."""
+    """sagan-train's step: n_dis D steps (real and fake in one batch), one G step, the EMA.
 
-    def __init__(self, step_dir, batch_size, freeze_d=True):
-        self.g, meta = load(os.path.join(step_dir, "generator.safetensors"))
-        self.d, _ = load(os.path.join(step_dir, "discriminator.safetensors"))
-        cfg = json.loads(meta["train"])
-        ema = cfg["ema_decay"] is not None
-        self.ema = load(os.path.join(step_dir, "generator_ema.safetensors"))[0] if ema else None
+    `plain` makes it the step of a plain PyTorch SAGAN instead (heykeetae/Self-Attention-GAN's
+    layout): D runs on real and fake as two forwards, and D stays in training mode in the G
+    step, so each forward through D is one more power iteration of its spectral norms."""
+
+    def __init__(self, g, d, ema, cfg, images, freeze_d=True, plain=False):
+        self.g, self.d, self.ema, self.images = g, d, ema, images
         if cfg["loss"] != "hinge":
-            raise SystemExit(f"{step_dir}: only the hinge loss is implemented here, not {cfg['loss']}")
-        preset = json.loads(meta["model"])
-        self.images = mnist_images(preset["channels"], preset["image_size"])
-        self.batch_size, self.n_dis, self.ema_decay = batch_size, cfg["n_dis"], cfg["ema_decay"]
+            raise SystemExit(f"only the hinge loss is implemented here, not {cfg['loss']}")
+        self.batch_size, self.n_dis, self.ema_decay = cfg["batch_size"], cfg["n_dis"], cfg["ema_decay"]
         betas = (cfg["beta1"], cfg["beta2"])
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=cfg["lr_g"], betas=betas, eps=1e-8)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=cfg["lr_d"], betas=betas, eps=1e-8)
         self.step = 0
-        self.freeze_d = freeze_d
+        self.freeze_d, self.plain = freeze_d, plain
+        self.order, self.cursor = torch.randperm(len(images)), 0
+
+    @classmethod
+    def from_checkpoint(cls, step_dir, batch_size, freeze_d=True):
+        g, meta = load(os.path.join(step_dir, "generator.safetensors"))
+        d, _ = load(os.path.join(step_dir, "discriminator.safetensors"))
+        cfg = dict(json.loads(meta["train"]), batch_size=batch_size)
+        ema = load(os.path.join(step_dir, "generator_ema.safetensors"))[0] if cfg["ema_decay"] is not None else None
+        preset = json.loads(meta["model"])
+        return cls(g, d, ema, cfg, mnist_images(preset["channels"], preset["image_size"]), freeze_d)
 
     def real_batch(self):
-        index = torch.randint(len(self.images), (self.batch_size,))
+        # Epochs of random permutations, as sagan-train draws its batches.
+        if self.cursor + self.batch_size > len(self.images):
+            self.order, self.cursor = torch.randperm(len(self.images)), 0
+        index = self.order[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
         return self.images[index].float() / 127.5 - 1.0
 
     def latents(self):
@@ -333,15 +355,19 @@ class Trainer:
         b = self.batch_size
         for _ in range(self.n_dis):
             fake = self.g(self.latents(), True).detach()
-            logits = self.d(torch.cat([self.real_batch(), fake]), True)
-            d_loss = F.relu(1 - logits[:b]).mean() + F.relu(1 + logits[b:]).mean()
+            if self.plain:
+                d_real, d_fake = self.d(self.real_batch(), True), self.d(fake, True)
+            else:
+                logits = self.d(torch.cat([self.real_batch(), fake]), True)
+                d_real, d_fake = logits[:b], logits[b:]
+            d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
         # D frozen for the G step (BigGAN-PyTorch's toggle_grad, StudioGAN likewise): its weight
         # gradients would be discarded, and sagan does not compute them either.
         self.d.requires_grad_(not self.freeze_d)
-        g_loss = -self.d(self.g(self.latents(), True), False).mean()
+        g_loss = -self.d(self.g(self.latents(), True), self.plain).mean()
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.d.requires_grad_(True)
@@ -361,6 +387,53 @@ class Trainer:
             avg.copy_(w)
 
 
+@torch.no_grad()
+def initialise(net, scheme, power_iterations):
+    """Fresh weights. `pytorch`: the layers' own default (weight and bias uniform in
+    +-1/sqrt(fan_in), fan_in = dimension 1 times the kernel area); `normal`: N(0, 0.02), zero
+    bias (DCGAN); `xavier`: Glorot uniform, zero bias (the official TensorFlow SAGAN);
+    `orthogonal`: orthogonal weights, PyTorch's default bias (BigGAN-PyTorch). u and v start as
+    normalised Gaussians refined by `power_iterations` (PyTorch's spectral_norm does 15)."""
+    for m in net.modules():
+        if isinstance(m, (SNConv, SNLinear)):
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(m.weight)
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(m.bias, -bound, bound)
+            if scheme == "pytorch":
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+            elif scheme == "normal":
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif scheme == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.orthogonal_(m.weight)
+            if scheme in ("normal", "xavier"):
+                m.bias.zero_()
+            m.weight_u.copy_(normalize(torch.randn_like(m.weight_u)))
+            m.weight_v.copy_(normalize(torch.randn_like(m.weight_v)))
+            for _ in range(power_iterations):
+                m.normalized_weight(True)
+        elif isinstance(m, BatchNorm):
+            for p in (m.weight, getattr(m, "gain", None)):
+                if p is not None:
+                    p.fill_(1.0)
+            m.bias.zero_()
+            m.running_mean.zero_()
+            m.running_var.fill_(1.0)
+        elif isinstance(m, SelfAttention):
+            m.gamma.zero_()
+
+
+def save_checkpoint(net, path, kind, preset, cfg, step):
+    """`net` as a sagan checkpoint file, which sagan-export and sagan-eval read."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    meta = {"format": FORMAT, "kind": kind, "model": json.dumps(preset), "train": json.dumps(cfg),
+            "step": str(step), "seed": str(cfg["seed"]), "producer": "tools/torch_sagan.py"}
+    save_file(tensors, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+
+
 def images_per_s(times, batch):
     return batch * len(times) / sum(times)
 
@@ -375,7 +448,7 @@ def cmd_generate(args):
 
 
 def cmd_train(args):
-    trainer = Trainer(args.checkpoint, args.batch_size, freeze_d=not args.no_freeze_d)
+    trainer = Trainer.from_checkpoint(args.checkpoint, args.batch_size, freeze_d=not args.no_freeze_d)
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -385,6 +458,45 @@ def cmd_train(args):
     if not (np.isfinite(d_loss) and np.isfinite(g_loss)):
         raise SystemExit(f"training diverged: d_loss {d_loss}, g_loss {g_loss}")
     return {"images_per_s": images_per_s(times, args.batch_size), "step_s": times}
+
+
+def cmd_fit(args):
+    with open(args.preset, "rb") as f:
+        preset = tomllib.load(f)
+    preset.setdefault("leaky_slope", 0.1)
+    if preset.get("num_classes", 0):
+        raise SystemExit(f"{args.preset}: fit trains unconditional presets only")
+    preset_training = preset.get("training", {})
+    cfg = {"steps": args.steps, "batch_size": 64, "lr_d": 4e-4, "lr_g": 1e-4, "beta1": 0.0, "beta2": 0.9,
+           "n_dis": 1, "loss": "hinge", "ema_decay": 0.999, "seed": args.seed, "data": args.data}
+    cfg.update({k: v for k, v in preset_training.items() if k in cfg and k != "steps"})
+    for key in ("lr_d", "lr_g", "n_dis", "batch_size"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    torch.manual_seed(args.seed)
+    g, ema, d = Generator(preset), Generator(preset), Discriminator(preset)
+    initialise(g, args.init, args.sn_warmup)
+    initialise(d, args.init, args.sn_warmup)
+    ema.load_state_dict(g.state_dict())
+    images = mnist_images(preset["channels"], preset["image_size"], args.data)
+    trainer = Trainer(g, d, ema, cfg, images, plain=args.plain)
+    save = {int(s) for s in args.save.split(",")} | {args.steps}
+    os.makedirs(args.out, exist_ok=True)
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        d_loss, g_loss = trainer.train_step()
+        if not (math.isfinite(d_loss) and math.isfinite(g_loss)):
+            raise SystemExit(f"training diverged at step {step}: d_loss {d_loss}, g_loss {g_loss}")
+        if step % 50 == 0:
+            log.write(json.dumps({"step": step, "d_loss": d_loss, "g_loss": g_loss,
+                                  "elapsed_s": time.perf_counter() - start}) + "\n")
+            log.flush()
+        if step in save:
+            step_dir = os.path.join(args.out, "checkpoints", f"step-{step:08d}")
+            save_checkpoint(g, os.path.join(step_dir, "generator.safetensors"), "generator", preset, cfg, step)
+            save_checkpoint(ema, os.path.join(step_dir, "generator_ema.safetensors"), "generator_ema", preset, cfg, step)
+    return {"steps": args.steps, "seconds": time.perf_counter() - start}
 
 
 def cmd_infer(args):
@@ -420,6 +532,24 @@ def main():
                    help="compute (and discard) D's weight gradients in the G step, as "
                         "heykeetae/Self-Attention-GAN does")
     p.set_defaults(run=cmd_train)
+    p = sub.add_parser("fit", help="train an unconditional preset from fresh weights on MNIST, writing sagan "
+                                      "checkpoints (generator, generator_ema) that sagan-export reads")
+    p.add_argument("--preset", required=True, help="a preset .toml (models/)")
+    p.add_argument("--data", required=True, help="MNIST: an IDX file or a directory (tools/fetch-mnist.sh)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--save", default="1000", help="comma-separated steps to checkpoint at (and the last)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--init", choices=["pytorch", "normal", "xavier", "orthogonal"], default="pytorch")
+    p.add_argument("--sn-warmup", type=int, default=15,
+                   help="power iterations at initialisation (torch.nn.utils.parametrizations.spectral_norm: 15)")
+    p.add_argument("--plain", action="store_true",
+                   help="a plain PyTorch SAGAN's step: D on real and fake as two forwards, D training in the G step")
+    p.add_argument("--lr-d", type=float)
+    p.add_argument("--lr-g", type=float)
+    p.add_argument("--n-dis", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.set_defaults(run=cmd_fit)
     p = sub.add_parser("infer", help="generator images/s, evaluation mode")
     p.add_argument("--generator", required=True)
     p.add_argument("--batch", type=int, default=64)

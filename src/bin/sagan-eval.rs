@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use sagan::data::{DataSource, Dataset};
 use sagan::eval::cache::{self, CacheKey};
 use sagan::eval::features::fingerprint_from;
+use sagan::eval::nearest::{nearest_grid, NearestOptions};
 use sagan::eval::{
     builtin_feature_net, evaluate, summarise, EvalOptions, EvalReport, FeatureNet,
     FeatureNetOptions, FeatureSummary, Resize,
@@ -23,7 +24,7 @@ const REAL_SUBSET_SEED: u64 = 0x5a6a_e7a1;
 
 const EXAMPLES: &str = "\
 Examples:
-  # FID and IS of an MNIST generator against the built-in MNIST subset (built-in classifier)
+  # FID and IS of an MNIST generator against the built-in MNIST training set (built-in classifier)
   sagan-eval --model model.onnx --data builtin
 
   # against the full MNIST training set, 10000 samples in batches of 200, on the GPU
@@ -60,7 +61,7 @@ struct Args {
     baseline: bool,
 
     /// The real images: MNIST IDX files (a file or a folder), a folder of pictures, or
-    /// `builtin` for the MNIST subset built into sagan.
+    /// `builtin` for the MNIST training set built into sagan.
     #[arg(long, value_name = "DIR|builtin")]
     data: String,
 
@@ -118,6 +119,20 @@ struct Args {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+
+    /// The memorisation check: also write a PNG whose rows are generated samples (first
+    /// column) each followed by its nearest images of --data in the feature network's space.
+    /// Near-twins in every row mean the generator copies its training data.
+    #[arg(long, value_name = "PNG", requires = "model")]
+    nearest: Option<PathBuf>,
+
+    /// Samples (rows) of the --nearest grid.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    nearest_samples: usize,
+
+    /// Nearest images per sample in the --nearest grid.
+    #[arg(long, default_value_t = 8, value_name = "K")]
+    nearest_k: usize,
 }
 
 fn main() {
@@ -231,6 +246,27 @@ fn run(args: &Args) -> Result<()> {
         seed: args.seed,
         splits: args.splits,
     };
+    if let (Some(path), Some(generator)) = (&args.nearest, &mut generator) {
+        let options = NearestOptions {
+            samples: args.nearest_samples,
+            k: args.nearest_k,
+            batch: args.batch,
+            seed: args.seed,
+        };
+        let fill = |range: std::ops::Range<usize>, out: &mut Vec<f32>| {
+            data.fill_batch(&range.collect::<Vec<_>>(), out);
+            Ok(())
+        };
+        let (grid, _) = nearest_grid(generator, &mut net, data.len(), fill, &options)?;
+        sagan::image_io::save_png(path, &grid)?;
+        println!(
+            "nearest: {} ({} samples, each followed by its {} nearest of {} images of --data)",
+            path.display(),
+            options.samples,
+            options.k,
+            data.len()
+        );
+    }
     let report = match &mut generator {
         Some(generator) => {
             let real_count = args.count.min(data.len());

@@ -37,8 +37,8 @@ struct Args {
     preset: Option<String>,
 
     /// Training images: an MNIST IDX file or directory (raw or .gz), or a folder of .png/.jpg
-    /// (searched recursively; center-cropped and resized to the preset). Default: the built-in
-    /// MNIST subset.
+    /// (searched recursively; center-cropped and resized to the preset). Default: the MNIST
+    /// training set built into the binary.
     #[arg(long)]
     data: Option<PathBuf>,
 
@@ -51,30 +51,33 @@ struct Args {
     #[arg(long, conflicts_with = "out")]
     resume: Option<PathBuf>,
 
-    /// Generator steps in total (each after --n-dis discriminator steps).
+    /// Generator steps in total (each after --n-dis discriminator steps) [default: the
+    /// preset's, else 1000].
     #[arg(long)]
     steps: Option<usize>,
 
+    /// Images per batch [default: the preset's, else 64].
     #[arg(long)]
     batch_size: Option<usize>,
 
-    /// Discriminator learning rate (SAGAN's two time-scale rule: 4e-4).
+    /// Discriminator learning rate [default: the preset's, else the paper's 4e-4].
     #[arg(long)]
     lr_d: Option<f64>,
 
-    /// Generator learning rate (1e-4).
+    /// Generator learning rate [default: the preset's (sagan-mnist28: 4e-4), else the paper's
+    /// 1e-4].
     #[arg(long)]
     lr_g: Option<f64>,
 
-    /// Adam beta1 (0).
+    /// Adam beta1 [default: the preset's, else 0].
     #[arg(long)]
     beta1: Option<f64>,
 
-    /// Adam beta2 (0.9).
+    /// Adam beta2 [default: the preset's, else 0.9].
     #[arg(long)]
     beta2: Option<f64>,
 
-    /// Discriminator steps per generator step.
+    /// Discriminator steps per generator step [default: the preset's, else 1].
     #[arg(long)]
     n_dis: Option<usize>,
 
@@ -82,7 +85,8 @@ struct Args {
     #[arg(long, value_enum)]
     loss: Option<LossArg>,
 
-    /// Decay of the moving average of G's weights used for samples and export; 0 turns it off.
+    /// Decay of the moving average of G's weights used for samples and export; 0 turns it off
+    /// [default: the preset's, else 0.999].
     #[arg(long)]
     ema_decay: Option<f64>,
 
@@ -145,8 +149,6 @@ impl From<LossArg> for LossKind {
 }
 
 const DEFAULT_PRESET: &str = "sagan-mnist28";
-/// Enough for recognisable digits from the built-in subset in under three minutes on two cores.
-const DEFAULT_STEPS: usize = 600;
 
 fn preset_value(value: &str) -> std::result::Result<String, String> {
     if value.ends_with(".toml") || preset_names().contains(&value) {
@@ -160,12 +162,9 @@ fn preset_value(value: &str) -> std::result::Result<String, String> {
 }
 
 impl Args {
-    /// The training configuration for a fresh run: defaults overridden by flags.
-    fn fresh_config(&self) -> TrainConfig {
-        let d = TrainConfig {
-            steps: DEFAULT_STEPS,
-            ..TrainConfig::default()
-        };
+    /// The training configuration for a fresh run: the preset's settings overridden by flags.
+    fn fresh_config(&self, model: &ModelConfig) -> TrainConfig {
+        let d = TrainConfig::for_preset(model);
         TrainConfig {
             steps: self.steps.unwrap_or(d.steps),
             batch_size: self.batch_size.unwrap_or(d.batch_size),
@@ -252,7 +251,7 @@ fn run(args: Args, progress_bar: bool) -> Result<i32> {
         }
         None => {
             let model_cfg = ModelConfig::resolve(args.preset.as_deref().unwrap_or(DEFAULT_PRESET))?;
-            let cfg = args.fresh_config();
+            let cfg = args.fresh_config(&model_cfg);
             cfg.validate()?;
             let dir = args
                 .out

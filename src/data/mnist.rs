@@ -13,15 +13,15 @@ const IMAGES_MAGIC: u32 = 0x0000_0803;
 /// Unsigned bytes, one dimension (count).
 const LABELS_MAGIC: u32 = 0x0000_0801;
 
-/// The first 6000 digits of the MNIST training set, so that training works without a
-/// download (see fixtures/mnist-subset/README.md).
+/// The 60000 digits of the MNIST training set, so that training works without a download (see
+/// fixtures/mnist/README.md).
 static BUILTIN_IMAGES: &[u8] = include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/fixtures/mnist-subset/train-images-idx3-ubyte.gz"
+    "/fixtures/mnist/train-images-idx3-ubyte.gz"
 ));
 static BUILTIN_LABELS: &[u8] = include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/fixtures/mnist-subset/train-labels-idx1-ubyte.gz"
+    "/fixtures/mnist/train-labels-idx1-ubyte.gz"
 ));
 
 /// The names a directory's MNIST training images go by, in order of preference.
@@ -29,11 +29,11 @@ const IMAGES_NAMES: [&str; 2] = ["train-images-idx3-ubyte", "train-images-idx3-u
 
 pub(super) fn load_builtin(shape: Shape) -> Result<Dataset> {
     // Only seen if the embedded files were broken at build time.
-    let path = Path::new("<built-in MNIST subset>");
+    let path = Path::new("<built-in MNIST>");
     let images = gunzip(BUILTIN_IMAGES, path)?;
     let images = Images::parse(&images, path)?;
     let labels = parse_labels(&gunzip(BUILTIN_LABELS, path)?, path, images.count)?;
-    let origin = format!("built-in MNIST subset ({} digits)", images.count);
+    let origin = format!("built-in MNIST ({} training digits)", images.count);
     build(&images, Some(labels), shape, origin)
 }
 

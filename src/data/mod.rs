@@ -1,4 +1,4 @@
-//! Training data: MNIST IDX files, folders of pictures, or the MNIST subset built into the
+//! Training data: MNIST IDX files, folders of pictures, or the MNIST training set built into the
 //! binary.
 //!
 //! Every source is decoded once, up front, into one `u8` NCHW buffer at the shape the model
@@ -16,7 +16,7 @@ use std::path::PathBuf;
 /// Where the training images come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataSource {
-    /// The first 6000 MNIST training digits, embedded in the binary.
+    /// The 60000 MNIST training digits, embedded in the binary.
     Builtin,
     /// An IDX images file (raw or gzip), a directory holding `train-images-idx3-ubyte[.gz]`,
     /// or a directory of .png/.jpg pictures whose first-level sub-folders name the classes.
@@ -269,9 +269,9 @@ mod tests {
     }
 
     #[test]
-    fn builtin_is_6000_labelled_digits() {
+    fn builtin_is_the_60000_labelled_training_digits() {
         let ds = Dataset::load(&DataSource::Builtin, 1, 28).unwrap();
-        assert_eq!(ds.len(), 6000);
+        assert_eq!(ds.len(), 60000);
         assert_eq!((ds.channels(), ds.size()), (1, 28));
         assert_eq!(ds.num_classes(), 10);
         assert_eq!(ds.class_names()[3], "3");
@@ -280,10 +280,10 @@ mod tests {
         assert_eq!(&ds.labels()[..2], &[5, 0]);
         assert!(ds
             .describe()
-            .starts_with("built-in MNIST subset (6000 digits)"));
+            .starts_with("built-in MNIST (60000 training digits)"));
 
         let mut batch = Vec::new();
-        ds.fill_batch(&[0, 1, 5999], &mut batch);
+        ds.fill_batch(&[0, 1, 59999], &mut batch);
         assert_eq!(batch.len(), 3 * 28 * 28);
         assert!(batch.iter().all(|v| (-1.0..=1.0).contains(v)));
         assert!(batch.contains(&-1.0), "MNIST background is 0 -> -1");
@@ -293,7 +293,7 @@ mod tests {
     #[test]
     fn builtin_converts_to_rgb_64() {
         let ds = Dataset::load(&DataSource::Builtin, 3, 64).unwrap();
-        assert_eq!(ds.len(), 6000);
+        assert_eq!(ds.len(), 60000);
         let img = ds.image(0);
         assert_eq!(img.len(), 3 * 64 * 64);
         let plane = 64 * 64;

@@ -58,6 +58,7 @@
 pub mod cache;
 pub mod features;
 pub mod frechet;
+pub mod nearest;
 pub mod score;
 
 pub use features::{FeatureNet, FeatureNetOptions, Features, Resize};

@@ -2,7 +2,7 @@
 
 use super::attention_core::{self, attention_core};
 use super::spectral_norm::{ConvKind, SNConv2d};
-use crate::config::AttentionConfig;
+use crate::config::{AttentionConfig, WeightInit};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -24,10 +24,15 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
-    pub fn new(vb: VarBuilder, channels: usize, cfg: &AttentionConfig) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        cfg: &AttentionConfig,
+        init: WeightInit,
+    ) -> Result<Self> {
         let reduced = channels / 8;
         let conv1x1 = |name: &str, cin: usize, out: usize| {
-            SNConv2d::new(vb.pp(name), ConvKind::Conv, cin, out, 1, 1, 0)
+            SNConv2d::new(vb.pp(name), ConvKind::Conv, cin, out, 1, 1, 0, init)
         };
         let (value, output) = match cfg.pooled {
             true => (
@@ -162,7 +167,13 @@ mod tests {
     fn block(channels: usize) -> (VarMap, SelfAttention) {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, stream(11, 1), &Device::Cpu);
-        let attn = SelfAttention::new(vb, channels, &AttentionConfig::default()).unwrap();
+        let attn = SelfAttention::new(
+            vb,
+            channels,
+            &AttentionConfig::default(),
+            WeightInit::Normal,
+        )
+        .unwrap();
         (varmap, attn)
     }
 
@@ -224,7 +235,8 @@ mod tests {
     fn fused_path_matches_the_composed_block_with(pooled: bool) {
         let mut varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, stream(11, 1), &Device::Cpu);
-        let attn = SelfAttention::new(vb, 16, &AttentionConfig { pooled }).unwrap();
+        let attn =
+            SelfAttention::new(vb, 16, &AttentionConfig { pooled }, WeightInit::Normal).unwrap();
         varmap
             .set_one("gamma", Tensor::new(&[0.8f32], &Device::Cpu).unwrap())
             .unwrap();
@@ -344,7 +356,13 @@ mod tests {
     fn pooled_form_attends_to_max_pooled_keys() {
         let mut varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, stream(12, 1), &Device::Cpu);
-        let attn = SelfAttention::new(vb, 16, &AttentionConfig { pooled: true }).unwrap();
+        let attn = SelfAttention::new(
+            vb,
+            16,
+            &AttentionConfig { pooled: true },
+            WeightInit::Normal,
+        )
+        .unwrap();
         varmap
             .set_one("gamma", Tensor::new(&[0.6f32], &Device::Cpu).unwrap())
             .unwrap();

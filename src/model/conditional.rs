@@ -4,7 +4,7 @@
 use super::channel_ops::{batch_norm_act, bias_act};
 use super::param;
 use super::spectral_norm::{SNLinear, SpectralNorm};
-use crate::config::Activation;
+use crate::config::{Activation, WeightInit};
 use candle_core::{bail, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 
@@ -84,8 +84,13 @@ pub struct ProjectionHead {
 }
 
 impl ProjectionHead {
-    pub fn new(vb: VarBuilder, channels: usize, num_classes: usize) -> Result<Self> {
-        let linear = SNLinear::new(vb.pp("linear"), channels, 1)?;
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        num_classes: usize,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let linear = SNLinear::new(vb.pp("linear"), channels, 1, init)?;
         let embedding = match num_classes {
             0 => None,
             k => {
@@ -174,8 +179,8 @@ mod tests {
     fn projection_adds_the_class_embedding_dot_the_pooled_features() {
         let mut varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, stream(4, 1), &Device::Cpu);
-        let head = ProjectionHead::new(vb.clone(), 6, 5).unwrap();
-        let unconditional = ProjectionHead::new(vb.pp("plain"), 6, 0).unwrap();
+        let head = ProjectionHead::new(vb.clone(), 6, 5, WeightInit::Normal).unwrap();
+        let unconditional = ProjectionHead::new(vb.pp("plain"), 6, 0, WeightInit::Normal).unwrap();
         // Same linear weights for both heads: the difference is the projection term alone.
         let data = varmap.data().lock().unwrap().clone();
         for name in ["weight", "bias", "weight_u", "weight_v"] {
@@ -206,7 +211,7 @@ mod tests {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, stream(6, 1), &Device::Cpu);
         let norm = ClassBatchNorm::new(vb.pp("norm"), 4, 3).unwrap();
-        let head = ProjectionHead::new(vb.pp("head"), 4, 3).unwrap();
+        let head = ProjectionHead::new(vb.pp("head"), 4, 3, WeightInit::Normal).unwrap();
         let x = input(2, 4, 2, 2, 7);
         let classes = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
         let h = norm.forward(&x, Some(&classes), true).unwrap();

@@ -20,6 +20,7 @@ impl Discriminator {
             input,
             cfg.leaky_slope,
             cfg.num_classes,
+            cfg.init,
         )?;
         Ok(Self {
             stack,

@@ -19,6 +19,7 @@ impl Generator {
             (cfg.z_dim, 1, 1),
             cfg.leaky_slope,
             cfg.num_classes,
+            cfg.init,
         )?;
         Ok(Self {
             stack,

@@ -31,7 +31,7 @@ pub use spectral_norm::{ConvKind, SNConv2d, SNLinear, SpectralNorm};
 
 use std::cell::Cell;
 
-use crate::config::{Activation, ConvConfig, FeatureShape, LayerConfig, NetConfig};
+use crate::config::{Activation, ConvConfig, FeatureShape, LayerConfig, NetConfig, WeightInit};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, VarBuilder};
 
@@ -116,67 +116,78 @@ impl LayerStack {
         input: FeatureShape,
         leaky_slope: f64,
         num_classes: usize,
+        init: WeightInit,
     ) -> Result<Self> {
         let mut shape = input;
         let mut layers = Vec::with_capacity(cfg.layers.len());
         for (i, layer_cfg) in cfg.layers.iter().enumerate() {
             let vb = vb.pp(i.to_string());
             let channels = shape.0;
-            let layer = match layer_cfg {
-                LayerConfig::Conv(conv) | LayerConfig::ConvTranspose(conv) => {
-                    let kind = match layer_cfg {
-                        LayerConfig::Conv(_) => ConvKind::Conv,
-                        _ => ConvKind::Transpose,
-                    };
-                    let &ConvConfig {
-                        out,
-                        kernel,
-                        stride,
-                        padding,
-                        batch_norm,
-                        act,
-                    } = conv;
-                    let conv =
-                        SNConv2d::new(vb.pp("conv"), kind, channels, out, kernel, stride, padding)?;
-                    let batch_norm = match batch_norm {
-                        true => Some(candle_nn::batch_norm(
+            let layer =
+                match layer_cfg {
+                    LayerConfig::Conv(conv) | LayerConfig::ConvTranspose(conv) => {
+                        let kind = match layer_cfg {
+                            LayerConfig::Conv(_) => ConvKind::Conv,
+                            _ => ConvKind::Transpose,
+                        };
+                        let &ConvConfig {
                             out,
-                            BatchNormConfig::default(),
-                            vb.pp("bn"),
-                        )?),
-                        false => None,
-                    };
-                    Layer::Conv {
-                        conv,
-                        batch_norm,
-                        act,
+                            kernel,
+                            stride,
+                            padding,
+                            batch_norm,
+                            act,
+                        } = conv;
+                        let conv = SNConv2d::new(
+                            vb.pp("conv"),
+                            kind,
+                            channels,
+                            out,
+                            kernel,
+                            stride,
+                            padding,
+                            init,
+                        )?;
+                        let batch_norm = match batch_norm {
+                            true => Some(candle_nn::batch_norm(
+                                out,
+                                BatchNormConfig::default(),
+                                vb.pp("bn"),
+                            )?),
+                            false => None,
+                        };
+                        Layer::Conv {
+                            conv,
+                            batch_norm,
+                            act,
+                        }
                     }
-                }
-                LayerConfig::Attention(attention) => {
-                    Layer::Attention(SelfAttention::new(vb, channels, attention)?)
-                }
-                LayerConfig::Linear(linear) => Layer::Linear {
-                    linear: SNLinear::new(
-                        vb.pp("linear"),
-                        shape.0 * shape.1 * shape.2,
-                        linear.out * linear.size * linear.size,
-                    )?,
-                    shape: (linear.out, linear.size, linear.size),
-                },
-                LayerConfig::GeneratorBlock(block) => {
-                    Layer::GeneratorBlock(GeneratorBlock::new(vb, block, channels, num_classes)?)
-                }
-                LayerConfig::DiscriminatorBlock(block) => {
-                    Layer::DiscriminatorBlock(DiscriminatorBlock::new(vb, block, channels)?)
-                }
-                LayerConfig::BatchNorm(norm) => Layer::Norm {
-                    norm: ClassBatchNorm::new(vb.pp("bn"), channels, 0)?,
-                    act: norm.act,
-                },
-                LayerConfig::ProjectionHead => {
-                    Layer::ProjectionHead(ProjectionHead::new(vb, channels, num_classes)?)
-                }
-            };
+                    LayerConfig::Attention(attention) => {
+                        Layer::Attention(SelfAttention::new(vb, channels, attention, init)?)
+                    }
+                    LayerConfig::Linear(linear) => Layer::Linear {
+                        linear: SNLinear::new(
+                            vb.pp("linear"),
+                            shape.0 * shape.1 * shape.2,
+                            linear.out * linear.size * linear.size,
+                            init,
+                        )?,
+                        shape: (linear.out, linear.size, linear.size),
+                    },
+                    LayerConfig::GeneratorBlock(block) => Layer::GeneratorBlock(
+                        GeneratorBlock::new(vb, block, channels, num_classes, init)?,
+                    ),
+                    LayerConfig::DiscriminatorBlock(block) => Layer::DiscriminatorBlock(
+                        DiscriminatorBlock::new(vb, block, channels, init)?,
+                    ),
+                    LayerConfig::BatchNorm(norm) => Layer::Norm {
+                        norm: ClassBatchNorm::new(vb.pp("bn"), channels, 0)?,
+                        act: norm.act,
+                    },
+                    LayerConfig::ProjectionHead => {
+                        Layer::ProjectionHead(ProjectionHead::new(vb, channels, num_classes, init)?)
+                    }
+                };
             shape = layer_cfg
                 .output_shape(shape)
                 .map_err(candle_core::Error::msg)?;

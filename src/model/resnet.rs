@@ -4,7 +4,7 @@
 use super::channel_ops::bias_act;
 use super::conditional::ClassBatchNorm;
 use super::spectral_norm::{ConvKind, SNConv2d};
-use crate::config::Activation;
+use crate::config::{Activation, WeightInit};
 use crate::config::{DiscriminatorBlockConfig, GeneratorBlockConfig};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -19,8 +19,14 @@ pub fn upsample2(x: &Tensor) -> Result<Tensor> {
         .reshape((b, c, 2 * h, 2 * w))
 }
 
-fn conv(vb: VarBuilder, cin: usize, cout: usize, kernel: usize) -> Result<SNConv2d> {
-    SNConv2d::new(vb, ConvKind::Conv, cin, cout, kernel, 1, kernel / 2)
+fn conv(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    init: WeightInit,
+) -> Result<SNConv2d> {
+    SNConv2d::new(vb, ConvKind::Conv, cin, cout, kernel, 1, kernel / 2, init)
 }
 
 pub struct GeneratorBlock {
@@ -39,17 +45,18 @@ impl GeneratorBlock {
         cfg: &GeneratorBlockConfig,
         channels: usize,
         num_classes: usize,
+        init: WeightInit,
     ) -> Result<Self> {
         let out = cfg.out;
         let shortcut = match channels != out || cfg.upsample {
-            true => Some(conv(vb.pp("shortcut"), channels, out, 1)?),
+            true => Some(conv(vb.pp("shortcut"), channels, out, 1, init)?),
             false => None,
         };
         Ok(Self {
             norm1: ClassBatchNorm::new(vb.pp("norm1"), channels, num_classes)?,
-            conv1: conv(vb.pp("conv1"), channels, out, 3)?,
+            conv1: conv(vb.pp("conv1"), channels, out, 3, init)?,
             norm2: ClassBatchNorm::new(vb.pp("norm2"), out, num_classes)?,
-            conv2: conv(vb.pp("conv2"), out, out, 3)?,
+            conv2: conv(vb.pp("conv2"), out, out, 3, init)?,
             shortcut,
             upsample: cfg.upsample,
         })
@@ -101,15 +108,20 @@ fn avg_pool2(x: &Tensor) -> Result<Tensor> {
 }
 
 impl DiscriminatorBlock {
-    pub fn new(vb: VarBuilder, cfg: &DiscriminatorBlockConfig, channels: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        cfg: &DiscriminatorBlockConfig,
+        channels: usize,
+        init: WeightInit,
+    ) -> Result<Self> {
         let out = cfg.out;
         let shortcut = match channels != out || cfg.downsample {
-            true => Some(conv(vb.pp("shortcut"), channels, out, 1)?),
+            true => Some(conv(vb.pp("shortcut"), channels, out, 1, init)?),
             false => None,
         };
         Ok(Self {
-            conv1: conv(vb.pp("conv1"), channels, out, 3)?,
-            conv2: conv(vb.pp("conv2"), out, out, 3)?,
+            conv1: conv(vb.pp("conv1"), channels, out, 3, init)?,
+            conv2: conv(vb.pp("conv2"), out, out, 3, init)?,
             shortcut,
             downsample: cfg.downsample,
             preactivation: cfg.preactivation,
@@ -173,6 +185,7 @@ mod tests {
             },
             8,
             3,
+            WeightInit::Normal,
         )
         .unwrap();
         let classes = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
@@ -188,6 +201,7 @@ mod tests {
                 preactivation: false,
             },
             4,
+            WeightInit::Normal,
         )
         .unwrap();
         assert_eq!(d.forward(&y, true).unwrap().dims(), &[2, 6, 3, 3]);
@@ -199,6 +213,7 @@ mod tests {
                 preactivation: true,
             },
             6,
+            WeightInit::Normal,
         )
         .unwrap();
         assert!(same.shortcut.is_none());
@@ -209,7 +224,7 @@ mod tests {
         // conv1x1(upsample(x)) == upsample(conv1x1(x)) and conv1x1(pool(x)) == pool(conv1x1(x)).
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, stream(2, 1), &Device::Cpu);
-        let conv = conv(vb, 5, 3, 1).unwrap();
+        let conv = conv(vb, 5, 3, 1, WeightInit::Normal).unwrap();
         let x = input(2, 5, 4, 4, 4);
         let a = conv.forward_t(&upsample2(&x).unwrap(), false).unwrap();
         let b = upsample2(&conv.forward_t(&x, false).unwrap()).unwrap();

@@ -6,7 +6,7 @@
 //! iteration per training forward refines them; evaluation uses them as stored.
 
 use super::spectral_norm_ops;
-use crate::config::Activation;
+use crate::config::{Activation, WeightInit};
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, Init, VarBuilder};
 
@@ -145,11 +145,27 @@ pub struct SNConv2d {
     padding: usize,
 }
 
-/// DCGAN/SAGAN-style initialisation; spectral norm makes the scale irrelevant, the direction is what counts.
-const WEIGHT_INIT: Init = Init::Randn {
-    mean: 0.0,
-    stdev: 0.02,
-};
+/// The initial distributions of a weight of `shape` (output or input units first, then the
+/// kernel) and of its bias, under `init`. Fans are counted as PyTorch counts them.
+fn init_hints(init: WeightInit, shape: &[usize]) -> (Init, Init) {
+    let area: usize = shape[2..].iter().product();
+    let (fan_in, fan_out) = ((shape[1] * area) as f64, (shape[0] * area) as f64);
+    let uniform = |bound: f64| Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    match init {
+        WeightInit::Pytorch => (uniform(fan_in.powf(-0.5)), uniform(fan_in.powf(-0.5))),
+        WeightInit::Normal => (
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            Init::Const(0.0),
+        ),
+        WeightInit::Xavier => (uniform((6.0 / (fan_in + fan_out)).sqrt()), Init::Const(0.0)),
+    }
+}
 
 impl SNConv2d {
     #[allow(clippy::too_many_arguments)]
@@ -161,14 +177,16 @@ impl SNConv2d {
         kernel: usize,
         stride: usize,
         padding: usize,
+        init: WeightInit,
     ) -> Result<Self> {
         let (shape, out_axis) = match kind {
-            ConvKind::Conv => ((out_channels, in_channels, kernel, kernel), 0),
-            ConvKind::Transpose => ((in_channels, out_channels, kernel, kernel), 1),
+            ConvKind::Conv => ([out_channels, in_channels, kernel, kernel], 0),
+            ConvKind::Transpose => ([in_channels, out_channels, kernel, kernel], 1),
         };
-        let weight = vb.get_with_hints(shape, "weight", WEIGHT_INIT)?;
+        let (weight_init, bias_init) = init_hints(init, &shape);
+        let weight = vb.get_with_hints(shape.to_vec(), "weight", weight_init)?;
         let sn = SpectralNorm::new(weight, out_axis, &vb, "weight")?;
-        let bias = vb.get_with_hints(out_channels, "bias", Init::Const(0.0))?;
+        let bias = vb.get_with_hints(out_channels, "bias", bias_init)?;
         Ok(Self {
             sn,
             bias,
@@ -287,10 +305,16 @@ pub struct SNLinear {
 }
 
 impl SNLinear {
-    pub fn new(vb: VarBuilder, in_features: usize, out_features: usize) -> Result<Self> {
-        let weight = vb.get_with_hints((out_features, in_features), "weight", WEIGHT_INIT)?;
+    pub fn new(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let (weight_init, bias_init) = init_hints(init, &[out_features, in_features]);
+        let weight = vb.get_with_hints((out_features, in_features), "weight", weight_init)?;
         let sn = SpectralNorm::new(weight, 0, &vb, "weight")?;
-        let bias = vb.get_with_hints(out_features, "bias", Init::Const(0.0))?;
+        let bias = vb.get_with_hints(out_features, "bias", bias_init)?;
         Ok(Self { sn, bias })
     }
 
@@ -337,6 +361,46 @@ mod tests {
         sigma as f32
     }
 
+    fn bounds(init: Init) -> (f64, f64) {
+        match init {
+            Init::Uniform { lo, up } => (lo, up),
+            other => panic!("not uniform: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pytorch_init_counts_fan_in_as_pytorch_does() {
+        // Conv [out 8, in 4, 3, 3]: fan_in = 4 * 9; transposed [in 4, out 8, 3, 3]: 8 * 9, the
+        // out channels (PyTorch reads dimension 1 whatever the layer).
+        let (w, b) = init_hints(WeightInit::Pytorch, &[8, 4, 3, 3]);
+        assert_eq!(bounds(w), (-1.0 / 6.0, 1.0 / 6.0));
+        assert_eq!(bounds(b), bounds(w));
+        let (w, _) = init_hints(WeightInit::Pytorch, &[4, 8, 3, 3]);
+        assert!((bounds(w).1 - 1.0 / 72f64.sqrt()).abs() < 1e-12);
+        let (w, b) = init_hints(WeightInit::Xavier, &[8, 4, 3, 3]);
+        assert!((bounds(w).1 - (6.0 / 108.0f64).sqrt()).abs() < 1e-12);
+        assert!(matches!(b, Init::Const(0.0)));
+        let (w, b) = init_hints(WeightInit::Normal, &[3, 5]);
+        assert!(matches!(w, Init::Randn { stdev, .. } if stdev == 0.02));
+        assert!(matches!(b, Init::Const(0.0)));
+    }
+
+    #[test]
+    fn a_layer_draws_its_weights_within_the_bounds() {
+        let varmap = VarMap::new();
+        let vb = seeded_var_builder(&varmap, stream(6, 1), &Device::Cpu);
+        let conv = SNConv2d::new(vb, ConvKind::Transpose, 4, 16, 4, 2, 1, WeightInit::Pytorch);
+        let conv = conv.unwrap();
+        // Weight [in 4, out 16, 4, 4]: fan_in = 16 * 16.
+        let bound = 1.0 / 16.0;
+        for t in [&conv.sn.weight, &conv.bias] {
+            let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Uniform: the largest of 16 or more draws lies well past half the bound, never past it.
+            assert!(max <= bound && max > 0.5 * bound, "{max} vs {bound}");
+        }
+    }
+
     #[test]
     fn kernels_match_the_composed_normalisation() {
         // (kind or linear, in, out, k): output units on axis 0 and on axis 1.
@@ -349,8 +413,12 @@ mod tests {
                 let varmap = VarMap::new();
                 let vb = seeded_var_builder(&varmap, stream(5, 1), &Device::Cpu);
                 let sn = match kind {
-                    Some(kind) => SNConv2d::new(vb, kind, cin, cout, k, 1, 0).unwrap().sn,
-                    None => SNLinear::new(vb, cin, cout).unwrap().sn,
+                    Some(kind) => {
+                        SNConv2d::new(vb, kind, cin, cout, k, 1, 0, WeightInit::Normal)
+                            .unwrap()
+                            .sn
+                    }
+                    None => SNLinear::new(vb, cin, cout, WeightInit::Normal).unwrap().sn,
                 };
                 (varmap, sn)
             };
@@ -383,7 +451,8 @@ mod tests {
     fn power_iteration_converges_to_the_largest_singular_value() {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, stream(3, 1), &Device::Cpu);
-        let conv = SNConv2d::new(vb, ConvKind::Transpose, 6, 4, 3, 1, 0).unwrap();
+        let conv =
+            SNConv2d::new(vb, ConvKind::Transpose, 6, 4, 3, 1, 0, WeightInit::Normal).unwrap();
         for _ in 0..200 {
             conv.sn.weight(true).unwrap();
         }
@@ -416,7 +485,7 @@ mod tests {
     fn evaluation_leaves_u_and_v_alone_training_updates_them() {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, stream(4, 1), &Device::Cpu);
-        let lin = SNLinear::new(vb, 5, 3).unwrap();
+        let lin = SNLinear::new(vb, 5, 3, WeightInit::Normal).unwrap();
         let u0 = lin.sn.u.as_tensor().to_vec1::<f32>().unwrap();
         lin.forward_t(
             &Tensor::ones((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap(),
