@@ -206,7 +206,7 @@ pub fn summarise(
     count: usize,
     batch: usize,
     [c, h, w]: [usize; 3],
-    mut fill: impl FnMut(Range<usize>, &mut Vec<f32>) -> InferResult<()>,
+    fill: impl FnMut(Range<usize>, &mut Vec<f32>) -> InferResult<()>,
 ) -> InferResult<FeatureSummary> {
     if count < 2 || batch == 0 {
         return Err(InferError::Invalid(format!(
@@ -216,28 +216,44 @@ pub fn summarise(
     let mut acc: Option<StatsAccumulator> = None;
     let mut logits: Option<Vec<f32>> = None;
     let mut classes = 0;
-    let mut images = Vec::new();
-    for start in (0..count).step_by(batch) {
-        let range = start..count.min(start + batch);
-        let k = range.len();
-        images.clear();
-        fill(range, &mut images)?;
-        let view = ImageBatch::new(&images, k, c, h, w)
-            .map_err(|e| InferError::Invalid(format!("images {start}..{}: {e}", start + k)))?;
-        let out = net.run(&view)?;
+    for_each_batch(net, count, batch, [c, h, w], fill, |out| {
         let acc = acc.get_or_insert_with(|| StatsAccumulator::new(out.dim));
         acc.add(&out.features)?;
         if let Some(batch_logits) = out.logits {
             classes = out.classes;
             logits.get_or_insert_with(Vec::new).extend(batch_logits);
         }
-    }
+        Ok(())
+    })?;
     let acc = acc.ok_or_else(|| InferError::Invalid("no images were evaluated".into()))?;
     Ok(FeatureSummary {
         stats: acc.finish()?,
         logits,
         classes,
     })
+}
+
+/// Runs `count` images through `net`, `batch` at a time (`fill(range, out)` appends images
+/// `range`, NCHW f32 in [-1, 1] of `shape` each), and hands each batch's output to `each`.
+pub(crate) fn for_each_batch(
+    net: &mut FeatureNet,
+    count: usize,
+    batch: usize,
+    [c, h, w]: [usize; 3],
+    mut fill: impl FnMut(Range<usize>, &mut Vec<f32>) -> InferResult<()>,
+    mut each: impl FnMut(Features) -> InferResult<()>,
+) -> InferResult<()> {
+    let mut images = Vec::new();
+    for start in (0..count).step_by(batch.max(1)) {
+        let range = start..count.min(start + batch.max(1));
+        let k = range.len();
+        images.clear();
+        fill(range, &mut images)?;
+        let view = ImageBatch::new(&images, k, c, h, w)
+            .map_err(|e| InferError::Invalid(format!("images {start}..{}: {e}", start + k)))?;
+        each(net.run(&view)?)?;
+    }
+    Ok(())
 }
 
 /// Summarises `options.count` images of `generator`, drawn from the latents of

@@ -3,7 +3,7 @@
 //! shows near-twins in every row; one that generalises shows look-alikes, not copies.
 
 use super::features::FeatureNet;
-use super::requested_class;
+use super::{for_each_batch, requested_class};
 use crate::image_io::{grid_image, ImageBatch};
 use crate::infer::{latents, Generator, InferError, InferResult};
 use image::RgbImage;
@@ -44,26 +44,21 @@ pub fn k_nearest(queries: &[f32], reference: &[f32], dim: usize, k: usize) -> Ve
         .collect()
 }
 
-/// The feature rows of `count` images that `fill(range, out)` appends (NCHW f32 in [-1, 1]).
+/// The feature rows of `count` images that `fill(range, out)` appends (NCHW f32 in [-1, 1]),
+/// and their width.
 fn feature_rows(
     net: &mut FeatureNet,
     count: usize,
     batch: usize,
-    [c, h, w]: [usize; 3],
-    mut fill: impl FnMut(Range<usize>, &mut Vec<f32>) -> InferResult<()>,
+    shape: [usize; 3],
+    fill: impl FnMut(Range<usize>, &mut Vec<f32>) -> InferResult<()>,
 ) -> InferResult<(Vec<f32>, usize)> {
-    let (mut rows, mut dim, mut images) = (Vec::new(), 0, Vec::new());
-    for start in (0..count).step_by(batch.max(1)) {
-        let range = start..count.min(start + batch.max(1));
-        let n = range.len();
-        images.clear();
-        fill(range, &mut images)?;
-        let view = ImageBatch::new(&images, n, c, h, w)
-            .map_err(|e| InferError::Invalid(format!("images {start}..{}: {e}", start + n)))?;
-        let out = net.run(&view)?;
+    let (mut rows, mut dim) = (Vec::new(), 0);
+    for_each_batch(net, count, batch, shape, fill, |out| {
         dim = out.dim;
         rows.extend(out.features);
-    }
+        Ok(())
+    })?;
     Ok((rows, dim))
 }
 
