@@ -25,8 +25,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// grid and attention maps every --sample-every steps, metrics.jsonl and curves.png.
 ///
 /// Examples:
-///   sagan-train                                   # built-in default, under 3 minutes on 2 cores
-///   sagan-train --data data/mnist --steps 20000   # full MNIST (tools/fetch-mnist.sh)
+///   sagan-train                                   # built-in default, about 5 minutes on 2 cores
+///   sagan-train --steps 10000                     # the same, longer
 ///   sagan-train --preset sagan64 --data ~/celeba  # any folder of .png/.jpg, sub-folders = classes
 ///   sagan-train --resume runs/sagan-mnist28       # continue an interrupted run (Ctrl-C saves one)
 #[derive(Parser, Debug)]
