@@ -181,6 +181,20 @@ impl PresetTraining {
     fn is_empty(&self) -> bool {
         *self == Self::default()
     }
+
+    /// These settings, with `under`'s where these leave one unset.
+    pub fn over(&self, under: &PresetTraining) -> PresetTraining {
+        PresetTraining {
+            steps: self.steps.or(under.steps),
+            batch_size: self.batch_size.or(under.batch_size),
+            lr_d: self.lr_d.or(under.lr_d),
+            lr_g: self.lr_g.or(under.lr_g),
+            beta1: self.beta1.or(under.beta1),
+            beta2: self.beta2.or(under.beta2),
+            n_dis: self.n_dis.or(under.n_dis),
+            ema_decay: self.ema_decay.or(under.ema_decay),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -461,8 +475,12 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// The paper's settings, overridden by what `model`'s preset sets.
     pub fn for_preset(model: &ModelConfig) -> Self {
+        Self::with(&model.training)
+    }
+
+    /// The paper's settings, overridden by what `t` sets.
+    pub fn with(t: &PresetTraining) -> Self {
         let d = Self::default();
-        let t = &model.training;
         Self {
             steps: t.steps.unwrap_or(d.steps),
             batch_size: t.batch_size.unwrap_or(d.batch_size),
@@ -571,6 +589,13 @@ mod tests {
             },
             ..cfg.clone()
         };
+        let flags = PresetTraining {
+            lr_g: Some(1e-3),
+            steps: None,
+            ..edited.training.clone()
+        };
+        let merged = flags.over(&edited.training);
+        assert_eq!((merged.lr_g, merged.steps), (Some(1e-3), Some(7)));
         let edited = TrainConfig::for_preset(&edited);
         assert_eq!((edited.steps, edited.batch_size), (7, 3));
         assert_eq!(edited.ema_decay, None);

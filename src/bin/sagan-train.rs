@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sagan::checkpoint::{self, Kind, RunDir};
-use sagan::config::{preset_names, LossKind, ModelConfig, TrainConfig};
+use sagan::config::{preset_names, LossKind, ModelConfig, PresetTraining, TrainConfig};
 use sagan::data::{DataSource, Dataset};
 use sagan::eval::{builtin_feature_net, FeatureNet, FeatureNetOptions};
 use sagan::infer::{LibrarySearch, Runtime};
@@ -164,22 +164,22 @@ fn preset_value(value: &str) -> std::result::Result<String, String> {
 impl Args {
     /// The training configuration for a fresh run: the preset's settings overridden by flags.
     fn fresh_config(&self, model: &ModelConfig) -> TrainConfig {
-        let d = TrainConfig::for_preset(model);
+        let flags = PresetTraining {
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr_d: self.lr_d,
+            lr_g: self.lr_g,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            n_dis: self.n_dis,
+            ema_decay: self.ema_decay,
+        };
+        let d = TrainConfig::with(&flags.over(&model.training));
         TrainConfig {
-            steps: self.steps.unwrap_or(d.steps),
-            batch_size: self.batch_size.unwrap_or(d.batch_size),
-            lr_d: self.lr_d.unwrap_or(d.lr_d),
-            lr_g: self.lr_g.unwrap_or(d.lr_g),
-            beta1: self.beta1.unwrap_or(d.beta1),
-            beta2: self.beta2.unwrap_or(d.beta2),
-            n_dis: self.n_dis.unwrap_or(d.n_dis),
             loss: self.loss.map(Into::into).unwrap_or(d.loss),
-            ema_decay: self
-                .ema_decay
-                .map(|x| Some(x).filter(|&x| x != 0.0))
-                .unwrap_or(d.ema_decay),
             seed: self.seed.unwrap_or(d.seed),
             data: self.data.clone(),
+            ..d
         }
     }
 

@@ -87,8 +87,8 @@ pub fn nearest_grid(
     };
     let z = latents(options.seed, samples, generator.z_dim());
     let generated = generator.generate(&z, classes.as_deref(), samples)?.images;
+    let size = generated.len() / samples;
     let (queries, _) = feature_rows(net, samples, options.batch, shape, |range, out| {
-        let size = generated.len() / samples;
         out.extend_from_slice(&generated[range.start * size..range.end * size]);
         Ok(())
     })?;
@@ -100,7 +100,6 @@ pub fn nearest_grid(
         &mut fill_reference,
     )?;
     let neighbours = k_nearest(&queries, &reference, dim, k);
-    let size = generated.len() / samples;
     let mut tiles = Vec::with_capacity(samples * (k + 1) * size);
     for (i, row) in neighbours.iter().enumerate() {
         tiles.extend_from_slice(&generated[i * size..(i + 1) * size]);
