@@ -671,7 +671,7 @@ fn read_metadata(session: &Session) -> Result<SaganMetadata, String> {
 }
 
 /// A declared tensor: element type and shape with `None` for symbolic dimensions.
-fn tensor_decl(ty: &ValueType) -> Option<(TensorElementType, Vec<Option<usize>>)> {
+pub(crate) fn tensor_decl(ty: &ValueType) -> Option<(TensorElementType, Vec<Option<usize>>)> {
     match ty {
         ValueType::Tensor { ty, shape, .. } => Some((
             *ty,
@@ -681,6 +681,18 @@ fn tensor_decl(ty: &ValueType) -> Option<(TensorElementType, Vec<Option<usize>>)
                 .collect(),
         )),
         _ => None,
+    }
+}
+
+/// A declared value as a user reads it: `float32 [?, 3, 64, 64]`, not a Rust debug dump.
+pub(crate) fn describe_type(ty: &ValueType) -> String {
+    match tensor_decl(ty) {
+        Some((elem, dims)) => format!(
+            "{} {}",
+            format!("{elem:?}").to_lowercase(),
+            show_dims(&dims)
+        ),
+        None => "not a tensor".to_string(),
     }
 }
 
@@ -709,7 +721,7 @@ fn inspect(
     let describe_inputs = || {
         let names: Vec<String> = inputs
             .iter()
-            .map(|i| format!("'{}' {:?}", i.name(), i.dtype()))
+            .map(|i| format!("'{}' {}", i.name(), describe_type(i.dtype())))
             .collect();
         names.join(", ")
     };
@@ -732,8 +744,8 @@ fn inspect(
                 Some((TensorElementType::Int64, dims)) if dims.len() == 1 => {}
                 _ => {
                     return Err(format!(
-                        "input '{CLASS_INPUT}' is {:?}, expected int64 [batch]",
-                        class.dtype()
+                        "input '{CLASS_INPUT}' is {}, expected int64 [batch]",
+                        describe_type(class.dtype())
                     ))
                 }
             }
@@ -748,8 +760,8 @@ fn inspect(
         .ok_or_else(|| format!("input '{z_name}' is not a tensor{not_sagan}"))?;
     if z_ty != TensorElementType::Float32 || z_dims.len() != 2 {
         return Err(format!(
-            "input '{z_name}' is {z_ty:?} {}, expected float32 [batch, z_dim]{not_sagan}",
-            show_dims(&z_dims)
+            "input '{z_name}' is {}, expected float32 [batch, z_dim]{not_sagan}",
+            describe_type(z.dtype())
         ));
     }
     let known = [
@@ -797,10 +809,10 @@ fn inspect(
     let image_name = image.name().to_string();
     let image_dims = match tensor_decl(image.dtype()) {
         Some((TensorElementType::Float32, dims)) if dims.len() == 4 => dims,
-        Some((ty, dims)) => {
+        Some(_) => {
             return Err(format!(
-                "output '{image_name}' is {ty:?} {}, expected float32 [batch, C, H, W]: not an image generator{not_sagan}",
-                show_dims(&dims)
+                "output '{image_name}' is {}, expected float32 [batch, C, H, W]: not an image generator{not_sagan}",
+                describe_type(image.dtype())
             ))
         }
         None => return Err(format!("output '{image_name}' is not a tensor{not_sagan}")),
