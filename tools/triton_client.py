@@ -212,7 +212,8 @@ def model_info(client, model):
     }
 
 
-def infer(client, model, z, classes):
+def request(client, model, z, classes):
+    """Sends one request for the images of latents `z` (and `classes`); returns its handle."""
     import tritonclient.http as http
 
     inputs = [http.InferInput("z", list(z.shape), "FP32")]
@@ -221,7 +222,7 @@ def infer(client, model, z, classes):
         inputs.append(http.InferInput("class", [len(classes), 1], "INT64"))
         inputs[1].set_data_from_numpy(classes.reshape(-1, 1), binary_data=True)
     outputs = [http.InferRequestedOutput("image", binary_data=True)]
-    return client.infer(model, inputs, outputs=outputs).as_numpy("image")
+    return client.async_infer(model, inputs, outputs=outputs)
 
 
 def main():
@@ -235,17 +236,19 @@ def main():
     parser.add_argument("--class", dest="classes", type=lambda s: [int(k) for k in s.split(",")], default=[],
                         help="conditional models: K or K,K,... by grid row [default: row r gets class r]")
     parser.add_argument("--batch", type=int, help="images per request [default: the model's max batch]")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="requests in flight at once (the server batches concurrent ones)")
     parser.add_argument("--out", default="samples", help="output folder")
     args = parser.parse_args()
-    if args.count < 1 or (args.columns is not None and args.columns < 1):
-        sys.exit("error: --count and --columns must be at least 1")
+    if min(args.count, args.concurrency, args.columns or 1) < 1:
+        sys.exit("error: --count, --columns and --concurrency must be at least 1")
     if args.truncation is not None and not args.truncation >= 1e-3:
         sys.exit("error: --truncation must be a positive number >= 0.001")
 
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    client = http.InferenceServerClient(args.url)
+    client = http.InferenceServerClient(args.url, concurrency=args.concurrency)
     try:
         info = model_info(client, args.model)
         columns = args.columns or math.ceil(math.sqrt(args.count))
@@ -260,10 +263,13 @@ def main():
         batch = args.batch or info["max_batch"] or args.count
         if not 1 <= batch <= max(info["max_batch"], 1):
             sys.exit(f"error: --batch must be 1 to {info['max_batch']} (the model's max batch)")
-        images = np.concatenate([
-            infer(client, args.model, z[i:i + batch], None if classes is None else classes[i:i + batch])
-            for i in range(0, args.count, batch)
-        ])
+        pending, images = [], []
+        for i in range(0, args.count, batch):
+            if len(pending) == args.concurrency:
+                images.append(pending.pop(0).get_result().as_numpy("image"))
+            pending.append(request(client, args.model, z[i:i + batch],
+                                   None if classes is None else classes[i:i + batch]))
+        images = np.concatenate(images + [p.get_result().as_numpy("image") for p in pending])
     except InferenceServerException as e:
         sys.exit(f"error: {args.url}: {e}")
     os.makedirs(args.out, exist_ok=True)
