@@ -110,4 +110,13 @@ compare parallel/seed4-grid.png infer-128/seed4-grid.png
 read -r images1 runs1 <<<"$(stats)"
 echo "  the server ran $((images1 - images0)) images in $((runs1 - runs0)) model runs"
 [[ $((images1 - images0)) == 128 ]] || { echo "error: expected 128 images served"; exit 1; }
+echo "== the client's errors"
+for bad in "--model nosuch" "--model dcgan-mnist28 --class 3" "--model sagan-cond-mnist32 --class 10" \
+    "--model sagan-cond-mnist32 --batch 9"; do
+    # shellcheck disable=SC2086
+    if err="$("$py" "$root/tools/triton_client.py" --url "$url" $bad --out bad 2>&1)"; then
+        echo "error: $bad was accepted"; exit 1
+    fi
+    echo "  $bad: $err"
+done
 echo "ok: the repository served by tritonserver, the client's grids equal sagan-infer's"

@@ -270,7 +270,7 @@ def main():
             pending.append(request(client, args.model, z[i:i + batch],
                                    None if classes is None else classes[i:i + batch]))
         images = np.concatenate(images + [p.get_result().as_numpy("image") for p in pending])
-    except InferenceServerException as e:
+    except (InferenceServerException, OSError) as e:
         sys.exit(f"error: {args.url}: {e}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"seed{args.seed}-grid.png")

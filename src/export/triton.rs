@@ -443,6 +443,18 @@ fn check_repository(repo: &Path) -> Result<()> {
     Ok(())
 }
 
+fn read_model(path: &Path) -> Result<ModelProto> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    ModelProto::decode(bytes.as_slice()).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg: format!("does not decode as ONNX: {e}"),
+    })
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir(path).map_err(|e| Error::io(path, e))
+}
+
 /// What an existing model directory allows.
 struct ExistingModel {
     next_version: u64,
@@ -469,12 +481,7 @@ fn existing_model(dir: &Path, signature: &Signature) -> Result<ExistingModel> {
         .unwrap_or(0);
     if latest > 0 {
         let file = dir.join(latest.to_string()).join("model.onnx");
-        let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
-        let model = ModelProto::decode(bytes.as_slice()).map_err(|e| Error::Checkpoint {
-            path: file.clone(),
-            msg: format!("does not decode as ONNX: {e}"),
-        })?;
-        let theirs = Signature::of(&model, &file)?;
+        let theirs = Signature::of(&read_model(&file)?, &file)?;
         if &theirs != signature {
             return Err(Error::Checkpoint {
                 path: file,
@@ -534,11 +541,10 @@ pub fn export_to_repository(
     check_repository(repo)?;
     let created_repo = !repo.exists();
     if created_repo {
-        std::fs::create_dir(repo).map_err(|e| Error::io(repo, e))?;
+        create_dir(repo)?;
     }
     let staging = repo.join(format!(".sagan-export.tmp{}", std::process::id()));
-    let result = std::fs::create_dir(&staging)
-        .map_err(|e| Error::io(&staging, e))
+    let result = create_dir(&staging)
         .and_then(|()| stage_and_place(checkpoint, repo, &staging, name, export, serving));
     // The staging directory is ours (its name carries our process id); it is empty or gone on
     // success and holds at most a partial export on failure.
@@ -558,14 +564,10 @@ fn stage_and_place(
     serving: &ServingOptions,
 ) -> Result<RepositoryReport> {
     let version_dir = staging.join("version");
-    std::fs::create_dir(&version_dir).map_err(|e| Error::io(&version_dir, e))?;
+    create_dir(&version_dir)?;
     let onnx = version_dir.join("model.onnx");
     let mut report = export_checkpoint(checkpoint, &onnx, export)?;
-    let bytes = std::fs::read(&onnx).map_err(|e| Error::io(&onnx, e))?;
-    let model = ModelProto::decode(bytes.as_slice()).map_err(|e| Error::Checkpoint {
-        path: onnx.clone(),
-        msg: format!("does not decode as ONNX: {e}"),
-    })?;
+    let model = read_model(&onnx)?;
     let name = match name {
         Some(name) => name.to_string(),
         None => {
@@ -593,7 +595,7 @@ fn stage_and_place(
         (version, config_write)
     } else {
         let staged_model = staging.join("model");
-        std::fs::create_dir(&staged_model).map_err(|e| Error::io(&staged_model, e))?;
+        create_dir(&staged_model)?;
         let config_path = staged_model.join("config.pbtxt");
         std::fs::write(&config_path, &config).map_err(|e| Error::io(&config_path, e))?;
         rename(&version_dir, &staged_model.join("1"))?;
