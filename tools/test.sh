@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The test suite: installs what the tests call (the official ONNX checker in a cached .venv,
-# ONNX Runtime's CPU library in .onnxruntime/cpu), then runs cargo's tests. Extra arguments go to cargo test.
+# The test suite: installs what the tests call (in a cached .venv: the official ONNX checker, and
+# ONNX Runtime plus tritonclient's ModelConfig protobuf for the Triton repository checks; ONNX
+# Runtime's CPU library in .onnxruntime/cpu), then runs cargo's tests. Extra arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! .venv/bin/python -c "import onnx" 2>/dev/null; then
-    python3 -m venv .venv
-    .venv/bin/pip install --quiet --disable-pip-version-check onnx==1.23.2 numpy
+if ! .venv/bin/python -c "import onnx, onnxruntime, tritonclient.grpc.model_config_pb2" 2>/dev/null; then
+    [[ -x .venv/bin/python ]] || python3 -m venv .venv
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check onnx==1.23.2 numpy \
+        onnxruntime==1.31.1 "tritonclient[grpc]==2.73.0"
 fi
 export SAGAN_PYTHON="$PWD/.venv/bin/python"
 # sagan-infer's tests load the CPU ONNX Runtime from .onnxruntime/cpu.
