@@ -150,6 +150,11 @@ struct Args {
     #[arg(long)]
     bench: bool,
 
+    /// Also run the same latents on the CPU provider and print the largest |difference| between
+    /// the two sets of images (checks a GPU provider's numbers).
+    #[arg(long)]
+    compare_cpu: bool,
+
     /// Timed runs for --bench.
     #[arg(long, default_value_t = 50, value_name = "N")]
     bench_runs: usize,
@@ -226,6 +231,9 @@ fn run(args: &Args, start: Instant) -> Result<()> {
         check_truncation(t)?;
     }
     let grid = !args.no_grid;
+    if args.bench && args.compare_cpu {
+        bail!("--compare-cpu does not apply to --bench");
+    }
     if !args.bench {
         if !grid && !args.png_each {
             bail!("--no-grid without --png-each would write nothing");
@@ -255,13 +263,9 @@ fn run(args: &Args, start: Instant) -> Result<()> {
     let n = plan.images();
     let stem = plan.stem(args.seed);
     let mut first_png: Option<Duration> = None;
-    let z_dim = generator.z_dim();
-    let mut all: Option<Generated> = None;
-    for (b, chunk) in z.chunks(batch * z_dim).enumerate() {
-        let m = chunk.len() / z_dim;
-        let chunk_classes = classes.as_ref().map(|c| &c[b * batch..b * batch + m]);
-        let out = generator.generate(chunk, chunk_classes, m)?;
+    let all = generate_batches(&mut generator, &z, classes.as_deref(), batch, |b, out| {
         if args.png_each {
+            let m = out.n;
             let images = ImageBatch::new(&out.images, m, out.channels, out.height, out.width)?;
             for i in 0..m {
                 let path = args.out.join(format!("{stem}-{:04}.png", b * batch + i));
@@ -269,14 +273,27 @@ fn run(args: &Args, start: Instant) -> Result<()> {
                 first_png.get_or_insert_with(|| start.elapsed());
             }
         }
-        match &mut all {
-            None => all = Some(out),
-            Some(all) => all.append(out),
-        }
+        Ok(())
+    })?;
+    if args.compare_cpu {
+        let cpu_options = LoadOptions {
+            provider: Provider::Cpu,
+            fallback_cpu: false,
+            ..options
+        };
+        let mut cpu = Generator::load(runtime, &args.model, &cpu_options)?;
+        let reference = generate_batches(&mut cpu, &z, classes.as_deref(), batch, |_, _| Ok(()))?;
+        let Some(diff) = all.max_abs_diff(&reference) else {
+            bail!(
+                "{}: the CPU provider's images have another shape",
+                args.model.display()
+            );
+        };
+        println!(
+            "max |diff| against the CPU provider: {diff:.3e} ({n} images on {})",
+            generator.provider()
+        );
     }
-    let Some(all) = all else {
-        bail!("no images generated");
-    };
     let images = ImageBatch::new(&all.images, n, all.channels, all.height, all.width)?;
     if args.png_each {
         println!(
@@ -336,6 +353,30 @@ fn run(args: &Args, start: Instant) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs the latents `z` (with their classes) in batches of `batch`, calling `each` with every
+/// batch's index and output, and returns all outputs together.
+fn generate_batches(
+    generator: &mut Generator,
+    z: &[f32],
+    classes: Option<&[i64]>,
+    batch: usize,
+    mut each: impl FnMut(usize, &Generated) -> Result<()>,
+) -> Result<Generated> {
+    let z_dim = generator.z_dim();
+    let mut all: Option<Generated> = None;
+    for (b, chunk) in z.chunks(batch * z_dim).enumerate() {
+        let m = chunk.len() / z_dim;
+        let chunk_classes = classes.map(|c| &c[b * batch..b * batch + m]);
+        let out = generator.generate(chunk, chunk_classes, m)?;
+        each(b, &out)?;
+        match &mut all {
+            None => all = Some(out),
+            Some(all) => all.append(out),
+        }
+    }
+    all.context("no images generated")
 }
 
 fn plan(args: &Args) -> Result<Plan> {
@@ -428,18 +469,12 @@ fn provider(args: &Args, batch: usize) -> Result<Provider> {
     if trt_flags && args.ort.provider != ProviderArg::Tensorrt {
         bail!("--trt-cache, --trt-fp16 and --trt-batch need --provider tensorrt");
     }
-    Ok(match args.ort.provider {
-        ProviderArg::Cpu => Provider::Cpu,
-        ProviderArg::Cuda => Provider::Cuda {
-            device_id: args.ort.device_id,
-        },
-        ProviderArg::Tensorrt => Provider::TensorRt(TensorRtOptions {
-            device_id: args.ort.device_id,
-            cache_dir: args.trt_cache.clone(),
-            fp16: args.trt_fp16,
-            batch_profile: Some(args.trt_batch.unwrap_or([1, batch, batch])),
-        }),
-    })
+    Ok(args.ort.provider(TensorRtOptions {
+        cache_dir: args.trt_cache.clone(),
+        fp16: args.trt_fp16,
+        batch_profile: Some(args.trt_batch.unwrap_or([1, batch, batch])),
+        ..Default::default()
+    }))
 }
 
 /// Creates the output folder and proves it writable before any model work is done.
