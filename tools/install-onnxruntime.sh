@@ -8,9 +8,9 @@
 #
 #   cpu  onnxruntime 1.31.1 (~24 MB): the CPU execution provider.
 #   gpu  onnxruntime-gpu 1.31.1 and the libraries its CUDA and TensorRT providers load: CUDA 13
-#        (runtime, cuBLAS, cuRAND, cuFFT, NVRTC, nvJitLink), cuDNN 9 and TensorRT 10. About
-#        3.5 GB of wheels (kept in .onnxruntime/wheels) and 6 GB installed. The machine needs
-#        only the NVIDIA driver (580 or newer, for CUDA 13).
+#        (runtime, cuBLAS, cuRAND, cuFFT, NVRTC, nvJitLink), cuDNN 9 and TensorRT 10. Without
+#        TensorRT: 1.5 GB of wheels (kept in .onnxruntime/wheels) and 2.4 GB installed. The
+#        machine needs only the NVIDIA driver (580 or newer, for CUDA 13). See docs/gpu.md.
 #   --from DIR     take the wheels from DIR (downloaded elsewhere, see --list) instead of PyPI
 #   --no-tensorrt  gpu without TensorRT: --provider cuda works, --provider tensorrt does not
 #   --list         print the wheels the variant needs and the commands that download them

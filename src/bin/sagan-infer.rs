@@ -25,6 +25,9 @@ Examples:
   # try the GPU, run on the CPU with a warning if it cannot be used
   sagan-infer --provider cuda --fallback cpu
 
+  # check the GPU's numbers: max |difference| against the CPU provider on the same latents
+  sagan-infer --provider cuda --compare-cpu --count 16
+
   # TensorRT, fp16, engines cached across runs, tuned for batches of 1 to 64
   sagan-infer --provider tensorrt --trt-fp16 --trt-cache .trt-cache --trt-batch 1,64,64
 
@@ -48,7 +51,9 @@ Examples:
 Latents are the same as sagan-train's sample grids: `--seed S` reproduces the grid of the
 training run with seed S. Attention overlays are written when the model was exported with
 --attention-maps. ONNX Runtime is looked for in: --ort-lib, $ORT_DYLIB_PATH,
-./.onnxruntime/{cpu,gpu}/lib, the repository's .onnxruntime (for `cargo run`), then the system.";
+./.onnxruntime/{cpu,gpu}/lib, the repository's .onnxruntime (for `cargo run`), then the system.
+The GPU providers' CUDA, cuDNN and TensorRT libraries are loaded from --cuda-libs, the GPU
+install, a Python environment's NVIDIA wheels, then the system (docs/gpu.md).";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum InterpArg {
