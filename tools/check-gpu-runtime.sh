@@ -21,7 +21,7 @@ bin=target/release
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --bin) bin="$2"; shift ;;
-        -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
         *) install="$1" ;;
     esac
     shift

@@ -7,12 +7,14 @@
 # For a machine with an NVIDIA GPU and driver but no network and no Rust toolchain: its inputs
 # are the release binaries and the GPU runtime, as wheels or installed.
 #
-# Usage: tools/gpu-check.sh [--bin DIR] [--wheels DIR | --runtime DIR] [--presets A,B] [--out FILE]
+# Usage: tools/gpu-check.sh [--bin DIR] [--wheels DIR | --runtime DIR] [--presets A,B]
+#                           [--providers A,B] [--out FILE]
 #   --bin DIR       sagan-train, sagan-export, sagan-infer [default: target/release]
 #   --wheels DIR    install the GPU runtime from these wheels first (see
 #                   tools/install-onnxruntime.sh gpu --list), into .onnxruntime/gpu
 #   --runtime DIR   an installed GPU runtime [default: .onnxruntime/gpu]
 #   --presets A,B   the presets to check [default: all six]
+#   --providers A,B of cpu, cuda, tensorrt-fp32, tensorrt-fp16 [default: all four]
 #   --out FILE      also write the table to FILE [default: gpu-check.md]
 # Needs python3 (standard library only) and, for the memory column, nvidia-smi.
 # Exit status: 0 when every provider ran within its bound, 1 when a bound failed, 2 when a
@@ -33,6 +35,7 @@ bin=target/release
 wheels=""
 runtime=.onnxruntime/gpu
 presets="$all_presets"
+providers="cpu,cuda,tensorrt-fp32,tensorrt-fp16"
 out=gpu-check.md
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -41,7 +44,8 @@ while [[ $# -gt 0 ]]; do
         --runtime) runtime="${2:?--runtime needs a folder}"; shift ;;
         --presets) presets="${2:?--presets needs a list}"; shift ;;
         --out) out="${2:?--out needs a file}"; shift ;;
-        -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --providers) providers="${2:?--providers needs a list}"; shift ;;
+        -h | --help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
         *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -93,7 +97,7 @@ infer() {
 images_per_s() { tail -n 1 "$work/last.out" | awk '{print $NF}'; }
 
 # Provider configurations: name, flags, bound.
-configs=(cpu cuda tensorrt-fp32 tensorrt-fp16)
+IFS=, read -r -a configs <<<"$providers"
 declare -A flags=(
     [cpu]="--provider cpu"
     [cuda]="--provider cuda"
@@ -102,6 +106,9 @@ declare -A flags=(
 )
 declare -A bound=([cuda]=$fp32_bound [tensorrt-fp32]=$fp32_bound [tensorrt-fp16]=$fp16_bound)
 declare -A unavailable=()
+for config in "${configs[@]}"; do
+    [[ -n "${flags[$config]:-}" ]] || die "--providers: unknown '$config' (cpu, cuda, tensorrt-fp32, tensorrt-fp16)"
+done
 
 rows=()
 parity_failed=0

@@ -35,7 +35,7 @@ while [[ $# -gt 0 ]]; do
         --no-tensorrt) tensorrt=0 ;;
         --list) list=1 ;;
         -h | --help)
-            sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+            awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"
             exit 0
             ;;
         *)
