@@ -511,7 +511,7 @@ fn build_session(
             .map_err(|e| setup(e.to_string()))?;
     }
     let mut builder = builder
-        .with_execution_providers(provider.dispatches(&[])?)
+        .with_execution_providers(provider.dispatches(runtime, &[])?)
         .map_err(|e| setup(e.to_string()))?;
     builder.commit_from_memory(bytes).map_err(|e| {
         let msg = e.to_string();
