@@ -678,3 +678,101 @@ fn eval_every_logs_fid_and_keeps_the_best_checkpoint() {
         "{err}"
     );
 }
+
+/// A real trainer SIGKILLed at seeded random moments (mid-step, mid-checkpoint, mid-log), then
+/// resumed each time, ends bit-identical to a run never interrupted.
+#[cfg(unix)]
+#[test]
+fn killed_at_random_moments_a_run_resumes_to_the_same_weights() {
+    use rand::{Rng, SeedableRng};
+    const STEPS: usize = 12;
+    const KILLS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--batch-size",
+        "8",
+        "--threads",
+        "2",
+        "--sample-every",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--log-every",
+        "1",
+        "--seed",
+        "3",
+    ];
+    let straight = dir.path().join("straight");
+    train()
+        .args(flags)
+        .args(["--steps", &STEPS.to_string(), "--out"])
+        .arg(&straight)
+        .assert()
+        .success();
+
+    let run = dir.path().join("killed");
+    let latest = || {
+        std::fs::read_dir(run.join("checkpoints"))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| {
+                        let name = e.ok()?.file_name().into_string().ok()?;
+                        name.strip_prefix("step-")?.parse::<usize>().ok()
+                    })
+                    .max()
+            })
+            .unwrap_or(None)
+    };
+    let start = || {
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("sagan-train"));
+        cmd.env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::null());
+        match latest() {
+            None => cmd
+                .args(flags)
+                .args(["--steps", &STEPS.to_string(), "--out"])
+                .arg(&run),
+            Some(_) => cmd.arg("--resume").arg(&run),
+        };
+        cmd.spawn().unwrap()
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(26);
+    let mut kills = 0;
+    while kills < KILLS && latest() != Some(STEPS) {
+        let mut child = start();
+        std::thread::sleep(std::time::Duration::from_millis(
+            rng.random_range(100..1500),
+        ));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+    }
+    if latest() != Some(STEPS) {
+        assert!(start().wait().unwrap().success());
+    }
+    println!("{kills} kills survived; checkpoint step after each start: {reached:?}");
+    assert!(
+        kills >= KILLS / 2,
+        "too few kills landed ({kills}): the runs end too fast"
+    );
+    for file in ["generator", "generator_ema", "discriminator", "optimizer"] {
+        let name = format!("checkpoints/step-{STEPS:08}/{file}.safetensors");
+        let (a, b) = (tensors(&straight.join(&name)), tensors(&run.join(&name)));
+        assert_eq!(a.len(), b.len(), "{file}");
+        for (tensor, bytes) in &a {
+            assert!(
+                b[tensor] == *bytes,
+                "{file}: {tensor} differs after {kills} kills"
+            );
+        }
+    }
+    // Every step is logged once, in order.
+    let steps: Vec<usize> = sagan::train::metrics::read(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>());
+}
