@@ -737,7 +737,7 @@ fn killed_at_random_moments_a_run_resumes_to_the_same_weights() {
         cmd.spawn().unwrap()
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(26);
-    let mut kills = 0;
+    let (mut kills, mut reached) = (0, Vec::new());
     while kills < KILLS && latest() != Some(STEPS) {
         let mut child = start();
         std::thread::sleep(std::time::Duration::from_millis(
@@ -748,6 +748,7 @@ fn killed_at_random_moments_a_run_resumes_to_the_same_weights() {
             kills += 1;
         }
         child.wait().unwrap();
+        reached.push(latest().unwrap_or(0));
     }
     if latest() != Some(STEPS) {
         assert!(start().wait().unwrap().success());
