@@ -736,13 +736,19 @@ fn killed_at_random_moments_a_run_resumes_to_the_same_weights() {
         };
         cmd.spawn().unwrap()
     };
+    let metric_lines =
+        || std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |m| m.lines().count());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(26);
     let (mut kills, mut reached) = (0, Vec::new());
     while kills < KILLS && latest() != Some(STEPS) {
+        // Kill once the process is training (it has logged a new step), a random moment
+        // later: inside a step, a checkpoint write or a log append.
+        let logged = metric_lines();
         let mut child = start();
-        std::thread::sleep(std::time::Duration::from_millis(
-            rng.random_range(100..1500),
-        ));
+        while metric_lines() <= logged && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(rng.random_range(0..120)));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             kills += 1;
