@@ -677,6 +677,26 @@ fn eval_every_logs_fid_and_keeps_the_best_checkpoint() {
         err.contains("--feature-net") && err.contains("3x64x64"),
         "{err}"
     );
+
+    // A network whose feature output has another name: the error's advice works here.
+    let net = fixture("fid/embedding-net.onnx");
+    let fid_run = |extra: &[&str], out: &str| {
+        let mut cmd = train();
+        cmd.env("ORT_DYLIB_PATH", common::ort_lib())
+            .args(QUICK)
+            .args(["--steps", "1", "--sample-every", "0", "--eval-every", "1"])
+            .args(["--eval-count", "50", "--feature-net"])
+            .arg(&net)
+            .args(extra)
+            .arg("--out")
+            .arg(dir.path().join(out));
+        cmd
+    };
+    let err = stderr_of(&mut fid_run(&[], "y"));
+    assert!(err.contains("--features-output"), "{err}");
+    fid_run(&["--features-output", "embedding"], "z")
+        .assert()
+        .success();
 }
 
 /// A real trainer SIGKILLed at seeded random moments (mid-step, mid-checkpoint, mid-log), then
