@@ -22,7 +22,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// With no arguments, trains the `sagan-mnist28` preset on the MNIST digits built into the
 /// binary and writes a run directory under runs/: checkpoints (safetensors), a fixed-z sample
-/// grid and attention maps every --sample-every steps, metrics.jsonl and curves.png.
+/// grid and attention maps every --sample-every steps, metrics.jsonl, curves.png (redrawn with
+/// every sample grid) and TensorBoard event files (`tensorboard --logdir runs` shows them).
 ///
 /// Examples:
 ///   sagan-train                                   # built-in default, about 5 minutes on 2 cores
@@ -105,6 +106,11 @@ struct Args {
     /// Log metrics every N steps.
     #[arg(long, default_value_t = 10)]
     log_every: usize,
+
+    /// Write no TensorBoard event files (events.out.tfevents.*; by default the metrics, sample
+    /// grids and attention maps go there too).
+    #[arg(long)]
+    no_tensorboard: bool,
 
     /// Keep the newest N checkpoints.
     #[arg(long, default_value_t = 3)]
@@ -319,6 +325,7 @@ fn run(args: Args, progress_bar: bool) -> Result<i32> {
         log_every: args.log_every.max(1),
         keep_last: args.keep_last.max(1),
         progress_bar,
+        tensorboard: !args.no_tensorboard,
     };
     match trainer.run(&schedule, &stop)? {
         Outcome::Finished { step } => {
