@@ -24,7 +24,7 @@ use std::path::PathBuf;
 ///   sagan-export g.onnx --attention-maps                 # + attention_0.. outputs for the viewer
 ///   sagan-export g.onnx --decompose-conv-transpose       # for runtimes without ConvTranspose
 #[derive(Parser, Debug)]
-#[command(version, verbatim_doc_comment)]
+#[command(name = "sagan-export", version, verbatim_doc_comment)]
 struct Args {
     /// Where to write the ONNX model.
     #[arg(default_value = "model.onnx")]

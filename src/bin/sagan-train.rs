@@ -31,7 +31,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///   sagan-train --preset sagan64 --data ~/celeba  # any folder of .png/.jpg, sub-folders = classes
 ///   sagan-train --resume runs/sagan-mnist28       # continue an interrupted run (Ctrl-C saves one)
 #[derive(Parser, Debug)]
-#[command(version, verbatim_doc_comment, allow_negative_numbers = true)]
+#[command(
+    name = "sagan-train",
+    version,
+    verbatim_doc_comment,
+    allow_negative_numbers = true
+)]
 struct Args {
     /// Model preset: a built-in name or a .toml file (see models/).
     #[arg(long, value_parser = preset_value)]

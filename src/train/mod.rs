@@ -558,12 +558,16 @@ impl Trainer {
     pub fn run(&mut self, schedule: &Schedule, stop: &AtomicBool) -> Result<Outcome> {
         self.run.create()?;
         let metrics = MetricsLog::open(&self.run.metrics(), self.step)?;
-        // Even without new events: a later run with them must not find this one's leftovers.
+        // Also with --no-tensorboard: events past the checkpoint would stay beside those a later
+        // resume writes for the same steps.
         tensorboard::prune(self.run.root(), self.step)?;
-        let mut events = match schedule.tensorboard {
-            true => Some(EventWriter::create(self.run.root(), self.step)?),
-            false => None,
-        };
+        let mut events = schedule
+            .tensorboard
+            .then(|| EventWriter::create(self.run.root(), self.step))
+            .transpose()?;
+        if let Some(events) = &events {
+            tracing::info!("TensorBoard events: {}", events.path().display());
+        }
         let bar = progress_bar(self.cfg.steps, self.step, schedule.progress_bar);
         let started = Instant::now();
         let mut window = (Instant::now(), 0usize, StepStats::default());

@@ -257,7 +257,7 @@ impl EventWriter {
 }
 
 /// The event files in `dir`, in TensorBoard's (name) order; none if `dir` does not exist.
-pub fn event_files(dir: &Path) -> Result<Vec<PathBuf>> {
+fn event_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
