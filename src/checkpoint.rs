@@ -59,11 +59,15 @@ pub struct Metadata {
     pub model: ModelConfig,
     pub train: TrainConfig,
     pub step: usize,
+    /// The training run that wrote the file, shared by all files of one checkpoint, so files
+    /// of different runs (or of two trainers racing on one directory) are never mixed up.
+    /// Absent in files of older versions.
+    pub run_id: Option<String>,
 }
 
 impl Metadata {
     fn to_map(&self) -> HashMap<String, String> {
-        HashMap::from([
+        let mut map = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("kind".to_string(), self.kind.name().to_string()),
             ("model".to_string(), self.model.to_json()),
@@ -77,7 +81,11 @@ impl Metadata {
                 "producer".to_string(),
                 format!("sagan {}", env!("CARGO_PKG_VERSION")),
             ),
-        ])
+        ]);
+        if let Some(id) = &self.run_id {
+            map.insert("run_id".to_string(), id.clone());
+        }
+        map
     }
 
     fn from_map(map: &HashMap<String, String>, path: &Path) -> Result<Self> {
@@ -108,6 +116,7 @@ impl Metadata {
             model,
             train,
             step,
+            run_id: map.get("run_id").cloned(),
         })
     }
 }
@@ -126,6 +135,21 @@ pub fn varmap_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
     tensors
 }
 
+/// The name of the first floating-point tensor holding NaN or infinity, if any.
+pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Result<Option<String>> {
+    for (name, t) in tensors {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        // x - x is 0 for every finite x and NaN for NaN and infinities; a sum keeps any NaN.
+        let probe = t.sub(t)?.sum_all()?.to_dtype(candle_core::DType::F32)?;
+        if !probe.to_scalar::<f32>()?.is_finite() {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
+
 /// Serialises tensors and metadata to `path` atomically.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &Metadata) -> Result<()> {
     let bytes = safetensors::tensor::serialize(
@@ -139,10 +163,86 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &Metadata) -> Resul
     crate::fsutil::write_atomic(path, &bytes)
 }
 
-/// Reads the metadata of a checkpoint file without loading its tensors.
+/// The largest safetensors header read; real ones are kilobytes.
+const MAX_HEADER: u64 = 100 << 20;
+
+/// Reads the metadata of a checkpoint file from its header, without reading its tensors.
 pub fn read_metadata(path: &Path) -> Result<Metadata> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    parse(&bytes, path, None).map(|(_, meta)| meta)
+    use std::io::Read;
+    let bad = |msg: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix)
+        .map_err(|_| bad("not a readable safetensors file (shorter than its header)".into()))?;
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_HEADER || n > len - 8 {
+        return Err(bad(format!(
+            "not a readable safetensors file (declares a {n}-byte header in a {len}-byte file)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io(path, e))?;
+    // The header alone: safetensors' own reader wants the tensor data too.
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("not a readable safetensors file (header: {e})")))?;
+    let map: HashMap<String, String> = json
+        .get("__metadata__")
+        .and_then(|m| serde_json::from_value(m.clone()).ok())
+        .unwrap_or_default();
+    Metadata::from_map(&map, path)
+}
+
+/// Checks that the checkpoint files beside `path` (the other files of its step directory)
+/// come from the same run and step, so a file copied in from elsewhere, or one left by a
+/// second trainer racing on the directory, is not taken for part of this checkpoint.
+pub fn check_siblings(path: &Path, meta: &Metadata) -> Result<()> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    for kind in [
+        Kind::Generator,
+        Kind::GeneratorEma,
+        Kind::Discriminator,
+        Kind::Optimizer,
+    ] {
+        let other = dir.join(kind.file_name());
+        if other == path || !other.is_file() {
+            continue;
+        }
+        let theirs = read_metadata(&other)?;
+        let mismatch = |what: String| Error::Checkpoint {
+            path: other.clone(),
+            msg: format!(
+                "{what} than {} beside it: the step directory mixes checkpoints",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ),
+        };
+        if theirs.run_id != meta.run_id {
+            return Err(mismatch(format!(
+                "comes from another run (run id {}, not {})",
+                theirs.run_id.as_deref().unwrap_or("none"),
+                meta.run_id.as_deref().unwrap_or("none")
+            )));
+        }
+        if theirs.step != meta.step {
+            return Err(mismatch(format!(
+                "holds another step ({}, not {})",
+                theirs.step, meta.step
+            )));
+        }
+        if theirs.model != meta.model {
+            return Err(mismatch(format!(
+                "holds another preset ({}, not {})",
+                theirs.model.name, meta.model.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Loads a checkpoint file: its tensors and its metadata.
@@ -206,6 +306,14 @@ pub fn restore_varmap(
     Ok(())
 }
 
+const LOCK_FILE: &str = ".lock";
+
+/// A run directory held by this process (see [`RunDir::lock`]).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
 /// A training run's directory.
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -264,6 +372,75 @@ impl RunDir {
 
     pub fn latest_step(&self) -> Result<Option<usize>> {
         Ok(self.checkpoint_steps()?.last().copied())
+    }
+
+    /// Takes the run directory for this process until the returned lock is dropped (or the
+    /// process ends, however it ends): a second trainer on the same directory is refused
+    /// instead of interleaving its checkpoint files with ours.
+    pub fn lock(&self) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        std::fs::create_dir_all(&self.root).map_err(|e| Error::io(&self.root, e))?;
+        let path = self.root.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                let pid = std::process::id().to_string();
+                file.set_len(0)
+                    .and_then(|()| file.rewind())
+                    .and_then(|()| file.write_all(pid.as_bytes()))
+                    .map_err(|e| Error::io(&path, e))?;
+                Ok(RunLock { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = match holder.trim() {
+                    "" => "another process".to_string(),
+                    pid => format!("another process (pid {pid})"),
+                };
+                Err(Error::RunBusy {
+                    path: self.root.clone(),
+                    msg: format!(
+                        "{holder} is training in this run directory; wait for it to finish or stop it (Ctrl-C saves a checkpoint)"
+                    ),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// Removes what an interrupted write left behind: half-written checkpoint directories and
+    /// temporary files. Only under the lock, so no live writer's files are taken.
+    pub fn remove_stale_temporaries(&self, _lock: &RunLock) -> Result<usize> {
+        let mut removed = 0;
+        for dir in [self.root.clone(), self.checkpoints(), self.samples()] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(dir, e)),
+            };
+            for entry in entries.filter_map(|e| e.ok()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                let stale_dir = dir == self.checkpoints()
+                    && name.starts_with(".step-")
+                    && name.ends_with(".partial");
+                if stale_dir {
+                    std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                    removed += 1;
+                } else if crate::fsutil::is_temp_name(&name) {
+                    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Creates the directories a run writes into.
@@ -335,6 +512,7 @@ mod tests {
             model: ModelConfig::resolve("sagan-mnist28").unwrap(),
             train: TrainConfig::default(),
             step,
+            run_id: Some("run-a".into()),
         }
     }
 
@@ -386,6 +564,88 @@ mod tests {
             err.contains("foreign.safetensors") && err.contains("not a sagan checkpoint"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn metadata_is_read_from_the_header_alone_and_bad_headers_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.safetensors");
+        save(&path, &tensors(), &meta(Kind::Generator, 3)).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        // Tensor data cut off: the header still reads.
+        let header_len = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        std::fs::write(&path, &bytes[..header_len]).unwrap();
+        assert_eq!(read_metadata(&path).unwrap(), meta(Kind::Generator, 3));
+        for bad in [
+            bytes[..5].to_vec(),
+            [u64::MAX.to_le_bytes().as_slice(), &bytes[8..]].concat(),
+            bytes[..header_len - 1].to_vec(),
+        ] {
+            std::fs::write(&path, &bad).unwrap();
+            let err = read_metadata(&path).unwrap_err().to_string();
+            assert!(err.starts_with(&path.display().to_string()), "{err}");
+        }
+    }
+
+    #[test]
+    fn files_of_another_run_or_step_in_a_step_directory_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = dir.path().join(Kind::Generator.file_name());
+        let d = dir.path().join(Kind::Discriminator.file_name());
+        save(&g, &tensors(), &meta(Kind::Generator, 5)).unwrap();
+        save(&d, &tensors(), &meta(Kind::Discriminator, 5)).unwrap();
+        check_siblings(&g, &meta(Kind::Generator, 5)).unwrap();
+        let foreign = Metadata {
+            run_id: Some("run-b".into()),
+            ..meta(Kind::Discriminator, 5)
+        };
+        save(&d, &tensors(), &foreign).unwrap();
+        let err = check_siblings(&g, &meta(Kind::Generator, 5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("discriminator.safetensors") && err.contains("another run"),
+            "{err}"
+        );
+        save(&d, &tensors(), &meta(Kind::Discriminator, 6)).unwrap();
+        let err = check_siblings(&g, &meta(Kind::Generator, 5))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another step"), "{err}");
+    }
+
+    #[test]
+    fn a_locked_run_refuses_a_second_holder_and_names_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::new(dir.path().join("run"));
+        let held = run.lock().unwrap();
+        let err = run.lock().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())) && err.contains("training"),
+            "{err}"
+        );
+        drop(held);
+        run.lock().unwrap();
+    }
+
+    #[test]
+    fn stale_partial_checkpoints_and_temporaries_are_removed_under_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunDir::new(dir.path());
+        run.create().unwrap();
+        run.write_checkpoint(1, &[(meta(Kind::Generator, 1), tensors())], 2)
+            .unwrap();
+        let partial = run.checkpoints().join(".step-00000002.partial");
+        std::fs::create_dir(&partial).unwrap();
+        std::fs::write(partial.join("generator.safetensors"), b"half").unwrap();
+        let temp = crate::fsutil::temp_path(&run.metrics());
+        std::fs::write(&temp, b"half").unwrap();
+        std::fs::write(run.samples().join("keep.png"), b"user's").unwrap();
+        let lock = run.lock().unwrap();
+        assert_eq!(run.remove_stale_temporaries(&lock).unwrap(), 2);
+        assert!(!partial.exists() && !temp.exists());
+        assert!(run.samples().join("keep.png").exists());
+        assert_eq!(run.checkpoint_steps().unwrap(), vec![1]);
     }
 
     #[test]

@@ -303,6 +303,59 @@ impl LayerConfig {
     }
 }
 
+/// The largest channel count, latent size or class count a preset may state.
+const MAX_SIZE: usize = 1 << 20;
+const MAX_IMAGE_SIZE: usize = 4096;
+const MAX_KERNEL: usize = 15;
+
+fn in_range(field: &str, value: usize, min: usize, max: usize) -> std::result::Result<(), String> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} must be between {min} and {max}, got {value}"
+        ))
+    }
+}
+
+impl LayerConfig {
+    /// The layer's `type` as written in a preset.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LayerConfig::Conv(_) => "conv",
+            LayerConfig::ConvTranspose(_) => "conv_transpose",
+            LayerConfig::Attention(_) => "attention",
+            LayerConfig::Linear(_) => "linear",
+            LayerConfig::GeneratorBlock(_) => "generator_block",
+            LayerConfig::DiscriminatorBlock(_) => "discriminator_block",
+            LayerConfig::BatchNorm(_) => "batch_norm",
+            LayerConfig::ProjectionHead => "projection_head",
+        }
+    }
+
+    fn check_fields(&self) -> std::result::Result<(), String> {
+        match *self {
+            LayerConfig::Conv(c) | LayerConfig::ConvTranspose(c) => {
+                in_range("out", c.out, 1, MAX_SIZE)?;
+                in_range("kernel", c.kernel, 1, MAX_KERNEL)?;
+                in_range("stride", c.stride, 1, MAX_KERNEL)?;
+                in_range("padding", c.padding, 0, c.kernel - 1)
+            }
+            LayerConfig::Linear(l) => {
+                in_range("out", l.out, 1, MAX_SIZE)?;
+                in_range("size", l.size, 1, MAX_IMAGE_SIZE)
+            }
+            LayerConfig::GeneratorBlock(GeneratorBlockConfig { out, .. })
+            | LayerConfig::DiscriminatorBlock(DiscriminatorBlockConfig { out, .. }) => {
+                in_range("out", out, 1, MAX_SIZE)
+            }
+            LayerConfig::Attention(_) | LayerConfig::BatchNorm(_) | LayerConfig::ProjectionHead => {
+                Ok(())
+            }
+        }
+    }
+}
+
 impl NetConfig {
     /// Walks the layers from `input`, returning every layer's output shape.
     pub fn shapes(&self, input: FeatureShape, net: &str) -> Result<Vec<FeatureShape>> {
@@ -330,9 +383,12 @@ impl ModelConfig {
         if name_or_path.ends_with(".toml") {
             let path = Path::new(name_or_path);
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-            return Self::from_toml(&text).map_err(|e| Error::Dataset {
+            return Self::from_toml(&text).map_err(|e| Error::Preset {
                 path: path.to_path_buf(),
-                msg: e.to_string(),
+                msg: match e {
+                    Error::Config(msg) => msg,
+                    other => other.to_string(),
+                },
             });
         }
         match BUILTIN_PRESETS
@@ -347,8 +403,10 @@ impl ModelConfig {
         }
     }
 
-    /// Checks that G maps z to an image of the stated shape and that D maps it to one logit.
+    /// Checks every field's range, then that G maps z to an image of the stated shape and that
+    /// D maps it to one logit.
     pub fn validate(&self) -> Result<()> {
+        self.check_fields().map_err(Error::Config)?;
         if !matches!(self.channels, 1 | 3) {
             return Err(Error::Config(format!(
                 "{}: channels must be 1 or 3, got {}",
@@ -393,6 +451,50 @@ impl ModelConfig {
                 self.name,
                 d_out.last()
             )));
+        }
+        Ok(())
+    }
+
+    /// Ranges of the scalar fields and of every layer's, named as in the preset file. Sizes
+    /// are bounded so that no arithmetic on them overflows; whether a large model fits in
+    /// memory is the memory estimate's question, not this one.
+    fn check_fields(&self) -> std::result::Result<(), String> {
+        let valid_name = !self.name.is_empty()
+            && self.name.len() <= 64
+            && !self.name.starts_with(['.', '-'])
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !valid_name {
+            return Err(format!(
+                "name '{}' must be 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-' \
+                 (it names the run directory)",
+                self.name
+            ));
+        }
+        TrainConfig::with(&self.training).check(|field| format!("training.{field}"))?;
+        in_range("image_size", self.image_size, 4, MAX_IMAGE_SIZE)?;
+        in_range("z_dim", self.z_dim, 1, MAX_SIZE)?;
+        in_range("num_classes", self.num_classes, 0, MAX_SIZE)?;
+        if !(self.leaky_slope.is_finite() && (0.0..1.0).contains(&self.leaky_slope)) {
+            return Err(format!(
+                "leaky_slope must be in [0, 1), got {}",
+                self.leaky_slope
+            ));
+        }
+        for (net, cfg) in [
+            ("generator", &self.generator),
+            ("discriminator", &self.discriminator),
+        ] {
+            if cfg.layers.is_empty() {
+                return Err(format!("{net} has no layers"));
+            }
+            for (i, layer) in cfg.layers.iter().enumerate() {
+                layer
+                    .check_fields()
+                    .map_err(|msg| format!("{net} layer {i} ({}): {msg}", layer.kind()))?;
+            }
         }
         Ok(())
     }
@@ -496,31 +598,41 @@ impl TrainConfig {
         }
     }
 
+    /// Checks the ranges, naming a field as its command-line flag (`--lr-g`).
     pub fn validate(&self) -> Result<()> {
-        let fail = |msg: String| Err(Error::Config(msg));
-        if self.steps == 0 {
-            return fail("--steps must be at least 1".into());
-        }
-        if self.batch_size == 0 {
-            return fail("--batch-size must be at least 1".into());
-        }
-        if self.n_dis == 0 {
-            return fail("--n-dis must be at least 1".into());
-        }
-        for (name, lr) in [("--lr-d", self.lr_d), ("--lr-g", self.lr_g)] {
-            if !(lr.is_finite() && lr > 0.0) {
-                return fail(format!("{name} must be a positive number, got {lr}"));
+        self.check(|field| format!("--{}", field.replace('_', "-")))
+            .map_err(Error::Config)
+    }
+
+    /// The first field out of range, named by `name(field)`.
+    fn check(&self, name: impl Fn(&str) -> String) -> std::result::Result<(), String> {
+        for (field, value) in [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("n_dis", self.n_dis),
+        ] {
+            if value == 0 {
+                return Err(format!("{} must be at least 1", name(field)));
             }
         }
-        for (name, beta) in [("--beta1", self.beta1), ("--beta2", self.beta2)] {
+        for (field, lr) in [("lr_d", self.lr_d), ("lr_g", self.lr_g)] {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(format!(
+                    "{} must be a positive number, got {lr}",
+                    name(field)
+                ));
+            }
+        }
+        for (field, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {
-                return fail(format!("{name} must be in [0, 1), got {beta}"));
+                return Err(format!("{} must be in [0, 1), got {beta}", name(field)));
             }
         }
         if let Some(decay) = self.ema_decay {
             if !(0.0..1.0).contains(&decay) {
-                return fail(format!(
-                    "--ema-decay must be in [0, 1) (0 turns it off), got {decay}"
+                return Err(format!(
+                    "{} must be in [0, 1) (0 turns it off), got {decay}",
+                    name("ema_decay")
                 ));
             }
         }
@@ -630,6 +742,69 @@ mod tests {
             (cfg.init, cfg.training),
             (WeightInit::Pytorch, PresetTraining::default())
         );
+    }
+
+    /// Every field a preset states, set out of range, is refused at load time with the file and
+    /// the field in one line (not a panic or an abort later, in spectral norm or an allocation).
+    #[test]
+    fn out_of_range_preset_fields_are_named_errors() {
+        let text = BUILTIN_PRESETS
+            .iter()
+            .find(|(n, _)| *n == "sagan-mnist28")
+            .unwrap()
+            .1;
+        let cases = [
+            (
+                text.replacen("out = 256", "out = 0", 1),
+                "generator layer 0 (conv_transpose): out must be between 1",
+            ),
+            (
+                text.replacen("z_dim = 128", "z_dim = 0", 1),
+                "z_dim must be between 1",
+            ),
+            (
+                text.replacen("z_dim = 128", "z_dim = 100000000", 1),
+                "z_dim must be between 1 and 1048576",
+            ),
+            (
+                text.replacen("image_size = 28", "image_size = 0", 1),
+                "image_size must be between 4",
+            ),
+            (
+                text.replacen("name = \"sagan-mnist28\"", "name = \"../../x\"", 1),
+                "name '../../x' must be",
+            ),
+            (
+                text.replacen("lr_g = 4e-4", "lr_g = -1.0", 1),
+                "training.lr_g must be a positive number",
+            ),
+            (
+                text.replacen("batch_size = 32", "batch_size = 0", 1),
+                "training.batch_size must be at least 1",
+            ),
+            (
+                text.replacen("kernel = 4", "kernel = 0", 1),
+                "kernel must be between 1",
+            ),
+            (
+                text.replacen("kernel = 7", "kernel = 999", 1),
+                "kernel must be between 1 and 15",
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (i, (preset, expected)) in cases.iter().enumerate() {
+            assert_ne!(preset, text, "case {i} did not change the preset");
+            let path = dir.path().join(format!("case{i}.toml"));
+            std::fs::write(&path, preset).unwrap();
+            let err = ModelConfig::resolve(path.to_str().unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("{}: ", path.display())) && err.contains(expected),
+                "case {i}: {err}"
+            );
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
     }
 
     #[test]

@@ -24,6 +24,30 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    /// A preset (a .toml file or a checkpoint's stored one) that cannot describe a model.
+    #[error("{path}: {msg}")]
+    Preset { path: PathBuf, msg: String },
+
+    /// Training produced non-finite losses or weights; `last_good` says what is left to use.
+    #[error("training diverged at step {step} ({what}); {last_good}")]
+    Diverged {
+        step: usize,
+        what: String,
+        last_good: String,
+    },
+
+    /// Another process is training in the run directory.
+    #[error("{path}: {msg}")]
+    RunBusy { path: PathBuf, msg: String },
+
+    /// The model and batch would not fit in the memory this machine has free.
+    #[error("{0}")]
+    TooLarge(String),
+
+    /// An output path holds something sagan did not write there.
+    #[error("{path}: {msg}")]
+    WouldOverwrite { path: PathBuf, msg: String },
+
     /// A failure inside candle's tensor code. Kept as text so that this type holds no candle
     /// value: sagan-infer, built on the same library, must link no candle code at all.
     #[error("tensor computation failed: {0}")]

@@ -13,6 +13,14 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp{}", std::process::id()))
 }
 
+/// Whether `name` is a temporary file of [`temp_path`]'s form: `.NAME.tmpPID`.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// crash or a full disk never leaves a truncated file under the final name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

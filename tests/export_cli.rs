@@ -49,7 +49,10 @@ fn every_preset_exports_verified_models_that_pass_the_onnx_checker() {
             ("plain", vec![]),
             (
                 "full",
-                vec!["--attention-maps", "--decompose-conv-transpose"],
+                match preset.starts_with("dcgan") {
+                    true => vec!["--decompose-conv-transpose"],
+                    false => vec!["--attention-maps", "--decompose-conv-transpose"],
+                },
             ),
         ] {
             let out = dir.path().join(format!("{preset}-{suffix}.onnx"));
@@ -69,6 +72,112 @@ fn every_preset_exports_verified_models_that_pass_the_onnx_checker() {
         }
     }
     check_with_onnx_checker(&files);
+}
+
+/// The checkpoint passed as the output (an easy slip) or any file sagan did not write is never
+/// replaced; a model sagan wrote is, and --force replaces anything but a checkpoint.
+#[test]
+fn export_never_replaces_what_it_did_not_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = tiny_run(dir.path(), "dcgan-mnist28");
+    let step = run.join("checkpoints/step-00000001");
+    let generator = step.join("generator.safetensors");
+    let before = std::fs::read(&generator).unwrap();
+    let err = failure_line(
+        bin("sagan-export")
+            .arg(&generator)
+            .arg("--checkpoint")
+            .arg(&run),
+    );
+    assert!(
+        err.contains("generator.safetensors") && err.contains("--checkpoint"),
+        "{err}"
+    );
+    let err = failure_line(
+        bin("sagan-export")
+            .arg(&generator)
+            .args(["--force", "--checkpoint"])
+            .arg(&run),
+    );
+    assert!(err.contains(".safetensors"), "{err}");
+    assert_eq!(
+        std::fs::read(&generator).unwrap(),
+        before,
+        "the checkpoint was replaced"
+    );
+
+    let notes = dir.path().join("notes.onnx");
+    std::fs::write(&notes, b"not a model").unwrap();
+    let err = failure_line(
+        bin("sagan-export")
+            .arg(&notes)
+            .arg("--checkpoint")
+            .arg(&run),
+    );
+    assert!(
+        err.contains("notes.onnx") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&notes).unwrap(), b"not a model");
+    let err = failure_line(
+        bin("sagan-export")
+            .arg(dir.path())
+            .arg("--checkpoint")
+            .arg(&run),
+    );
+    assert!(err.contains("directory"), "{err}");
+
+    // Ours is replaced (a re-export), and --force replaces a foreign file.
+    let model = dir.path().join("model.onnx");
+    for _ in 0..2 {
+        bin("sagan-export")
+            .arg(&model)
+            .arg("--checkpoint")
+            .arg(&run)
+            .assert()
+            .success();
+    }
+    bin("sagan-export")
+        .arg(&notes)
+        .args(["--force", "--checkpoint"])
+        .arg(&run)
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read(&notes).unwrap(),
+        std::fs::read(&model).unwrap()
+    );
+
+    // A preset without attention has no maps to add: said, not silently ignored.
+    let err = failure_line(
+        bin("sagan-export")
+            .arg(dir.path().join("maps.onnx"))
+            .args(["--attention-maps", "--checkpoint"])
+            .arg(&run),
+    );
+    assert!(err.contains("no attention"), "{err}");
+    assert!(!dir.path().join("maps.onnx").exists());
+}
+
+/// A discriminator of another run copied into a step directory makes the export refuse it,
+/// rather than export a generator whose checkpoint cannot be trusted.
+#[test]
+fn a_step_directory_mixing_runs_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = tiny_run(&dir.path().join("a"), "dcgan-mnist28");
+    let b = tiny_run(&dir.path().join("b"), "dcgan-mnist28");
+    let d_file = "checkpoints/step-00000001/discriminator.safetensors";
+    std::fs::copy(b.join(d_file), a.join(d_file)).unwrap();
+    let err = failure_line(
+        bin("sagan-export")
+            .arg(dir.path().join("m.onnx"))
+            .arg("--checkpoint")
+            .arg(&a),
+    );
+    assert!(
+        err.contains("discriminator.safetensors") && err.contains("another run"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -101,6 +101,41 @@ fn writes_grid_and_individual_pngs_of_the_model_size() {
     assert!(names.iter().all(|n| n.ends_with(".png")), "{names:?}");
 }
 
+/// Images stream to disk a batch at a time: a count in the thousands writes every PNG, and
+/// the grid (which alone would grow with the count) holds the first GRID_LIMIT and says so.
+#[test]
+fn large_counts_stream_and_the_grid_keeps_the_first_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-generator.onnx");
+    let out = run(infer(dir.path()).args([
+        "--model",
+        model.to_str().unwrap(),
+        "--count",
+        "3000",
+        "--columns",
+        "32",
+        "--batch",
+        "7",
+        "--png-each",
+        "--out",
+        "out",
+    ]));
+    assert!(out.success, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("the first 1024 of 3000 images")
+            && out.stdout.contains("seed0-2999.png"),
+        "{}",
+        out.stdout
+    );
+    let pngs = std::fs::read_dir(dir.path().join("out")).unwrap().count();
+    assert_eq!(pngs, 3000 + 1);
+    // 32 columns x 32 rows of 64-pixel tiles with 2px gaps.
+    assert_eq!(
+        png_size(&dir.path().join("out/seed0-grid.png")),
+        (32 * 66 + 2, 32 * 66 + 2)
+    );
+}
+
 #[test]
 fn same_seed_same_bytes_other_seed_other_bytes() {
     let model = fixture("tiny-generator.onnx");

@@ -312,6 +312,7 @@ fn bad_flag_values_are_rejected_before_any_work() {
         (vec!["--threads", "0"], "--threads"),
         (vec!["--ema-decay", "2"], "--ema-decay"),
         (vec!["--batch-size", "100000"], "batch size"),
+        (vec!["--keep-last", "0"], "--keep-last"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let err = stderr_of(train().args(&args).arg("--out").arg(dir.path().join("run")));
@@ -408,6 +409,175 @@ fn existing_runs_are_never_overwritten_and_resume_checks_the_checkpoint() {
     std::fs::create_dir(&empty).unwrap();
     let err = stderr_of(train().arg("--resume").arg(&empty));
     assert!(err.contains("no checkpoint"), "{err}");
+}
+
+/// Waits until `run`'s metrics.jsonl has `lines` records.
+fn wait_for_metrics(run: &Path, lines: usize) {
+    let metrics = run.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics)
+        .map(|m| m.lines().count())
+        .unwrap_or(0)
+        < lines
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn step_dirs(run: &Path) -> Vec<String> {
+    let mut steps: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    steps.sort();
+    steps
+}
+
+/// A second trainer on a run directory in use is refused with the holder's pid (before, two
+/// trainers interleaved their checkpoint files); SIGTERM, as `kill` and container runtimes
+/// send it, stops the holder with a checkpoint like Ctrl-C.
+#[cfg(unix)]
+#[test]
+fn one_trainer_per_run_and_sigterm_saves_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("sagan-train"))
+        .args(QUICK)
+        .args([
+            "--steps",
+            "1000",
+            "--sample-every",
+            "0",
+            "--checkpoint-every",
+            "0",
+            "--out",
+        ])
+        .arg(&run)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    wait_for_metrics(&run, 1);
+    let holder = format!("pid {}", child.id());
+    let fresh = stderr_of(train().args(QUICK).arg("--out").arg(&run));
+    let resumed = stderr_of(train().arg("--resume").arg(&run));
+    for err in [fresh, resumed] {
+        assert!(err.contains(&holder) && err.contains("training"), "{err}");
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert_eq!(step_dirs(&run).len(), 1, "no checkpoint on SIGTERM");
+}
+
+/// A resumed run writes on its own schedule, not the defaults, and clears what an interrupted
+/// checkpoint write left.
+#[test]
+fn a_resumed_run_keeps_its_schedule_and_clears_stale_partials() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    train()
+        .args(QUICK)
+        .args([
+            "--steps",
+            "2",
+            "--sample-every",
+            "0",
+            "--checkpoint-every",
+            "1",
+            "--keep-last",
+            "9",
+            "--out",
+        ])
+        .arg(&run)
+        .assert()
+        .success();
+    let partial = run.join("checkpoints/.step-00000003.partial");
+    std::fs::create_dir(&partial).unwrap();
+    train()
+        .args(["--threads", "2", "--steps", "4", "--resume"])
+        .arg(&run)
+        .assert()
+        .success();
+    assert_eq!(
+        step_dirs(&run),
+        [
+            "step-00000001",
+            "step-00000002",
+            "step-00000003",
+            "step-00000004"
+        ]
+    );
+    assert!(!partial.exists());
+}
+
+/// A newer step directory of another run dropped into a run is refused on resume instead of
+/// being trained on as if it were the run's own.
+#[test]
+fn a_step_directory_of_another_run_is_not_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run, other) = (dir.path().join("run"), dir.path().join("other"));
+    for (out, preset, steps) in [(&run, "sagan-mnist28", "1"), (&other, "dcgan-mnist28", "2")] {
+        train()
+            .args(QUICK)
+            .args([
+                "--preset",
+                preset,
+                "--steps",
+                steps,
+                "--sample-every",
+                "0",
+                "--out",
+            ])
+            .arg(out)
+            .assert()
+            .success();
+    }
+    let foreign = run.join("checkpoints/step-00000002");
+    std::fs::create_dir(&foreign).unwrap();
+    for entry in std::fs::read_dir(other.join("checkpoints/step-00000002")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), foreign.join(entry.file_name())).unwrap();
+    }
+    let err = stderr_of(train().args(["--steps", "3", "--resume"]).arg(&run));
+    assert!(
+        err.contains("step-00000002")
+            && err.contains("another run")
+            && err.contains("dcgan-mnist28"),
+        "{err}"
+    );
+    assert!(!run.join("checkpoints/step-00000003").exists());
+}
+
+/// An absurd learning rate: the weights go non-finite in the first step. No checkpoint with
+/// NaN is written (before, step 1's was 99 % NaN), and the error says so.
+#[test]
+fn a_diverging_run_writes_no_non_finite_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let err = stderr_of(
+        train()
+            .args(QUICK)
+            .args(["--lr-d", "1e10", "--lr-g", "1e10", "--steps", "4"])
+            .args(["--checkpoint-every", "1", "--sample-every", "0", "--out"])
+            .arg(&run),
+    );
+    assert!(
+        err.contains("training diverged at step 1") && err.contains("no checkpoint was written"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(step_dirs(&run).is_empty());
+    // What was logged reads back (a resumed or inspected run parses it).
+    let metrics = sagan::train::metrics::read(&run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.iter().all(|r| r.step <= 1));
 }
 
 #[cfg(unix)]

@@ -46,6 +46,11 @@ struct Args {
     /// Write each ConvTranspose as zero insertion plus Conv.
     #[arg(long)]
     decompose_conv_transpose: bool,
+
+    /// Replace OUTPUT even if it is not an ONNX model sagan wrote (a model sagan wrote is
+    /// replaced without it; a .safetensors file never is).
+    #[arg(long)]
+    force: bool,
 }
 
 fn main() {
@@ -66,6 +71,7 @@ fn run(args: Args) -> Result<()> {
     let opts = ExportOptions {
         attention_maps: args.attention_maps,
         decompose_conv_transpose: args.decompose_conv_transpose,
+        force: args.force,
     };
     let report = export_checkpoint(&checkpoint, &args.output, &opts)?;
     println!(

@@ -3,15 +3,12 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use sagan::image_io::{self, ImageBatch};
 use sagan::infer::bench::LatencySummary;
 use sagan::infer::cli::{ProviderArg, ProviderArgs};
 use sagan::infer::latent::check_truncation;
-use sagan::infer::{
-    interpolate, latents, truncated_latents, Generated, Generator, Interpolation, LoadOptions,
-    Provider, Runtime, TensorRtOptions,
-};
-use std::path::{Path, PathBuf};
+use sagan::infer::sampling::{prepare_out_dir, Latents, Outputs, Plan, SampleWriter};
+use sagan::infer::{Generator, Interpolation, LoadOptions, Provider, Runtime, TensorRtOptions};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const EXAMPLES: &str = "\
@@ -174,35 +171,6 @@ fn parse_batch_profile(s: &str) -> std::result::Result<[usize; 3], String> {
 }
 
 /// Images to draw, in grid order.
-enum Plan {
-    Samples { count: usize, columns: usize },
-    Interpolation { keyframes: usize, steps: usize },
-}
-
-impl Plan {
-    fn images(&self) -> usize {
-        match *self {
-            Plan::Samples { count, .. } => count,
-            Plan::Interpolation { keyframes, steps } => (keyframes - 1) * steps,
-        }
-    }
-
-    fn columns(&self) -> usize {
-        match *self {
-            Plan::Samples { columns, .. } => columns,
-            Plan::Interpolation { steps, .. } => steps,
-        }
-    }
-
-    /// File name stem: `seed0`, `interp-seed0`.
-    fn stem(&self, seed: u64) -> String {
-        match self {
-            Plan::Samples { .. } => format!("seed{seed}"),
-            Plan::Interpolation { .. } => format!("interp-seed{seed}"),
-        }
-    }
-}
-
 fn main() {
     let start = Instant::now();
     let args = Args::parse();
@@ -245,91 +213,49 @@ fn run(args: &Args, start: Instant) -> Result<()> {
     let mut generator = Generator::load(runtime, &args.model, &options)?;
     eprintln!("{}", describe(&generator, runtime));
 
-    let z = plan_latents(args, &plan, generator.z_dim())?;
-    let classes = plan_classes(args, &plan, generator.num_classes())
-        .with_context(|| args.model.display().to_string())?;
+    let num_classes = generator.num_classes();
+    check_classes(args, num_classes).with_context(|| args.model.display().to_string())?;
+    let classes_of = |start: usize, m: usize| -> Option<Vec<i64>> {
+        (num_classes > 0).then(|| {
+            (start..start + m)
+                .map(|i| plan.class_of(i, &args.class, num_classes))
+                .collect()
+        })
+    };
+    let mut latents = Latents::new(plan, args.seed, generator.z_dim(), args.truncation)?;
     if args.bench {
-        return bench(&mut generator, &z, classes.as_deref(), batch, args);
+        let z = latents.take(batch)?;
+        return bench(
+            &mut generator,
+            &z,
+            classes_of(0, batch).as_deref(),
+            batch,
+            args,
+        );
     }
 
+    let mut writer = SampleWriter::new(
+        Outputs {
+            dir: args.out.clone(),
+            stem: plan.stem(args.seed),
+            columns: plan.columns(),
+            grid,
+            png_each: args.png_each,
+            attention: !args.no_attention,
+        },
+        start,
+    );
     let n = plan.images();
-    let stem = plan.stem(args.seed);
-    let mut first_png: Option<Duration> = None;
-    let z_dim = generator.z_dim();
-    let mut all: Option<Generated> = None;
-    for (b, chunk) in z.chunks(batch * z_dim).enumerate() {
-        let m = chunk.len() / z_dim;
-        let chunk_classes = classes.as_ref().map(|c| &c[b * batch..b * batch + m]);
-        let out = generator.generate(chunk, chunk_classes, m)?;
-        if args.png_each {
-            let images = ImageBatch::new(&out.images, m, out.channels, out.height, out.width)?;
-            for i in 0..m {
-                let path = args.out.join(format!("{stem}-{:04}.png", b * batch + i));
-                image_io::save_png(&path, &images.image(i))?;
-                first_png.get_or_insert_with(|| start.elapsed());
-            }
-        }
-        match &mut all {
-            None => all = Some(out),
-            Some(all) => all.append(out),
-        }
+    for first in (0..n).step_by(batch) {
+        let m = batch.min(n - first);
+        let z = latents.take(m)?;
+        writer.push(generator.generate(&z, classes_of(first, m).as_deref(), m)?)?;
     }
-    let Some(all) = all else {
-        bail!("no images generated");
-    };
-    let images = ImageBatch::new(&all.images, n, all.channels, all.height, all.width)?;
-    if args.png_each {
-        println!(
-            "wrote {n} images: {} ... {}",
-            args.out.join(format!("{stem}-0000.png")).display(),
-            args.out.join(format!("{stem}-{:04}.png", n - 1)).display()
-        );
+    let written = writer.finish()?;
+    for line in &written.lines {
+        println!("{line}");
     }
-    if grid {
-        let path = args.out.join(format!("{stem}-grid.png"));
-        image_io::save_grid(&path, images, plan.columns())?;
-        first_png.get_or_insert_with(|| start.elapsed());
-        println!(
-            "wrote {} ({n} images of {}x{}, {} per row)",
-            path.display(),
-            all.height,
-            all.width,
-            plan.columns().min(n)
-        );
-    }
-    if !args.no_attention {
-        // A few images are enough to see where each layer looks; all 64 would be a poster.
-        let shown = n.min(8);
-        let plane = all.channels * all.height * all.width;
-        let subset = ImageBatch::new(
-            &all.images[..shown * plane],
-            shown,
-            all.channels,
-            all.height,
-            all.width,
-        )?;
-        for (k, maps) in all.attention.iter().enumerate() {
-            let (side, _) = maps.grid.queries;
-            let per_image = maps.per_image();
-            let queries = image_io::default_queries(side, side, 4);
-            let overlay = image_io::attention_overlay(
-                subset,
-                &maps.maps[..shown * per_image],
-                maps.grid,
-                &queries,
-            )?;
-            let path = args.out.join(format!("{stem}-attention{k}.png"));
-            image_io::save_png(&path, &overlay)?;
-            first_png.get_or_insert_with(|| start.elapsed());
-            println!(
-                "wrote {} ({}: {side}x{side} map, {} queries, first {shown} images)",
-                path.display(),
-                maps.name,
-                queries.len()
-            );
-        }
-    }
-    if let Some(t) = first_png {
+    if let Some(t) = written.first_png {
         eprintln!(
             "first PNG written {:.1} ms after start",
             t.as_secs_f64() * 1e3
@@ -364,19 +290,25 @@ fn plan(args: &Args) -> Result<Plan> {
             if keyframes < 2 {
                 bail!("--interpolate needs --count >= 2 keyframe seeds, got {keyframes}");
             }
-            Ok(Plan::Interpolation { keyframes, steps })
+            let mode = match args.interp_mode {
+                InterpArg::Slerp => Interpolation::Spherical,
+                InterpArg::Lerp => Interpolation::Linear,
+            };
+            Ok(Plan::Interpolation {
+                keyframes,
+                steps,
+                mode,
+            })
         }
     }
 }
 
 /// The class of every image of the plan for a model with `num_classes` classes (None for an
 /// unconditional one): --class row by row, else row r gets class r.
-fn plan_classes(args: &Args, plan: &Plan, num_classes: usize) -> Result<Option<Vec<i64>>> {
-    if num_classes == 0 {
-        if !args.class.is_empty() {
-            bail!("the model is unconditional: --class does not apply");
-        }
-        return Ok(None);
+/// The --class values must exist in the model (and only a conditional model takes them).
+fn check_classes(args: &Args, num_classes: usize) -> Result<()> {
+    if num_classes == 0 && !args.class.is_empty() {
+        bail!("the model is unconditional: --class does not apply");
     }
     if let Some(bad) = args
         .class
@@ -387,40 +319,7 @@ fn plan_classes(args: &Args, plan: &Plan, num_classes: usize) -> Result<Option<V
             "--class {bad} is out of range: the model has {num_classes} classes (0..{num_classes})"
         );
     }
-    let columns = plan.columns();
-    let row_class = |row: usize| match args.class.as_slice() {
-        [] => (row % num_classes) as i64,
-        list => list[row % list.len()],
-    };
-    Ok(Some(
-        (0..plan.images()).map(|i| row_class(i / columns)).collect(),
-    ))
-}
-
-/// All latents of the plan, `[images, z_dim]`.
-fn plan_latents(args: &Args, plan: &Plan, z_dim: usize) -> Result<Vec<f32>> {
-    let draw = |seed: u64, n: usize| -> Result<Vec<f32>> {
-        Ok(match args.truncation {
-            Some(t) => truncated_latents(seed, n, z_dim, t)?,
-            None => latents(seed, n, z_dim),
-        })
-    };
-    match *plan {
-        Plan::Samples { count, .. } => draw(args.seed, count),
-        Plan::Interpolation { keyframes, steps } => {
-            let mode = match args.interp_mode {
-                InterpArg::Slerp => Interpolation::Spherical,
-                InterpArg::Lerp => Interpolation::Linear,
-            };
-            let keys = (0..keyframes as u64)
-                .map(|k| draw(args.seed.wrapping_add(k), 1))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(keys
-                .windows(2)
-                .flat_map(|pair| interpolate(&pair[0], &pair[1], steps, mode))
-                .collect())
-        }
-    }
+    Ok(())
 }
 
 fn provider(args: &Args, batch: usize) -> Result<Provider> {
@@ -443,16 +342,6 @@ fn provider(args: &Args, batch: usize) -> Result<Provider> {
 }
 
 /// Creates the output folder and proves it writable before any model work is done.
-fn prepare_out_dir(dir: &Path) -> Result<()> {
-    let not_writable = |e: std::io::Error| {
-        anyhow::anyhow!("{}: output folder is not writable: {e}", dir.display())
-    };
-    std::fs::create_dir_all(dir).map_err(not_writable)?;
-    let probe = dir.join(format!(".sagan-infer-probe{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(not_writable)?;
-    std::fs::remove_file(&probe).map_err(not_writable)
-}
-
 fn describe(g: &Generator, runtime: &Runtime) -> String {
     let meta = g.metadata();
     let origin = match (&meta.preset, meta.step) {
@@ -501,20 +390,15 @@ fn bench(
     if args.bench_runs == 0 {
         bail!("--bench-runs must be at least 1");
     }
-    let z_dim = generator.z_dim();
-    // The plan may hold fewer latents than a batch; cycle them to fill it.
-    let z: Vec<f32> = z.iter().copied().cycle().take(batch * z_dim).collect();
-    let classes: Option<Vec<i64>> =
-        classes.map(|c| c.iter().copied().cycle().take(batch).collect());
     for _ in 0..WARMUP {
         generator
-            .generate(&z, classes.as_deref(), batch)
+            .generate(z, classes, batch)
             .context("warm-up run")?;
     }
     let mut samples = Vec::with_capacity(args.bench_runs);
     for _ in 0..args.bench_runs {
         let t = Instant::now();
-        generator.generate(&z, classes.as_deref(), batch)?;
+        generator.generate(z, classes, batch)?;
         samples.push(t.elapsed());
     }
     let Some(s) = LatencySummary::new(&samples, batch) else {

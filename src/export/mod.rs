@@ -25,6 +25,8 @@ pub struct ExportOptions {
     pub attention_maps: bool,
     /// Write each ConvTranspose as zero insertion plus Conv, for runtimes without ConvTranspose.
     pub decompose_conv_transpose: bool,
+    /// Replace an existing output file even when it is not an ONNX model sagan wrote.
+    pub force: bool,
 }
 
 /// Which weights of a run to export.
@@ -469,6 +471,7 @@ pub fn load_generator(path: &Path, device: &Device) -> Result<LoadedGenerator> {
             msg: format!("is a {} checkpoint, not a generator", meta.kind.name()),
         });
     }
+    checkpoint::check_siblings(path, &meta)?;
     let varmap = VarMap::new();
     let vb = crate::rng::seeded_var_builder(&varmap, crate::rng::stream(0, 0), device);
     let generator = Generator::new(vb, &meta.model)?;
@@ -570,6 +573,41 @@ pub fn verification_classes(
     Ok(Some(Tensor::from_vec(classes, n, device)?))
 }
 
+/// Whether `path` holds an ONNX model that sagan wrote (its producer metadata says so).
+pub fn is_sagan_onnx(path: &Path) -> bool {
+    // An ONNX file is at most 2 GiB (protobuf's limit); anything larger is something else.
+    let small = std::fs::metadata(path).is_ok_and(|m| m.len() < 1 << 31);
+    small
+        && std::fs::read(path)
+            .ok()
+            .and_then(|bytes| ModelProto::decode(bytes.as_slice()).ok())
+            .is_some_and(|m| {
+                m.metadata_props
+                    .iter()
+                    .any(|p| p.key == "producer" && p.value.starts_with("sagan "))
+            })
+}
+
+/// Refuses an output path that would replace something sagan did not write: a checkpoint
+/// passed where the output goes is an easy slip, and the run could not be resumed after it.
+fn check_output(output: &Path, force: bool) -> Result<()> {
+    let refuse = |msg: &str| {
+        Err(Error::WouldOverwrite {
+            path: output.to_path_buf(),
+            msg: msg.to_string(),
+        })
+    };
+    if output.extension().is_some_and(|e| e == "safetensors") {
+        return refuse("an ONNX model is never written under a .safetensors name (is this the checkpoint? pass it with --checkpoint)");
+    }
+    match std::fs::symlink_metadata(output) {
+        Err(_) => Ok(()),
+        Ok(m) if m.is_dir() => refuse("is a directory; name the .onnx file to write"),
+        Ok(_) if force || is_sagan_onnx(output) => Ok(()),
+        Ok(_) => refuse("exists and is not an ONNX model written by sagan; not replacing it (pass --force to replace it anyway)"),
+    }
+}
+
 /// Exports the generator in `checkpoint` to `output`. The file is written to a temporary
 /// path, read back, evaluated against the candle generator, and only renamed into place if
 /// it reproduces it within [`EXPORT_TOLERANCE`].
@@ -578,9 +616,16 @@ pub fn export_checkpoint(
     output: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportReport> {
+    check_output(output, opts.force)?;
     let device = Device::Cpu;
     let loaded = load_generator(checkpoint, &device)?;
     let cfg = &loaded.meta.model;
+    if opts.attention_maps && !cfg.has_attention() {
+        return Err(Error::Config(format!(
+            "--attention-maps: preset {} has no attention layer, so there are no maps to add",
+            cfg.name
+        )));
+    }
     let metadata = vec![
         ("sagan.preset".to_string(), cfg.name.clone()),
         ("sagan.model".to_string(), cfg.to_json()),
@@ -694,6 +739,7 @@ mod tests {
             let opts = ExportOptions {
                 attention_maps: true,
                 decompose_conv_transpose: true,
+                force: false,
             };
             let model = generator_to_onnx(&g, &cfg, vec![], &opts).unwrap();
             assert!(model

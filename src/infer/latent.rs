@@ -16,31 +16,60 @@ fn z_stream(seed: u64) -> ChaCha8Rng {
     stream(seed, streams::FIXED_Z)
 }
 
+/// Latents drawn batch after batch from one seed's stream: the concatenation of `take`s is
+/// what one call of [`latents`] (or [`truncated_latents`]) for all of them gives, so images can
+/// be generated a batch at a time without holding every latent.
+pub struct LatentStream {
+    rng: ChaCha8Rng,
+    z_dim: usize,
+    truncation: Option<f32>,
+}
+
+impl LatentStream {
+    /// Standard normal latents, or with `truncation`, every value with |z| above it redrawn
+    /// from the same stream until it fits (the truncation trick).
+    pub fn new(seed: u64, z_dim: usize, truncation: Option<f32>) -> InferResult<Self> {
+        if let Some(t) = truncation {
+            check_truncation(t)?;
+        }
+        Ok(Self {
+            rng: z_stream(seed),
+            z_dim,
+            truncation,
+        })
+    }
+
+    /// The next `n` latents, row-major `[n, z_dim]`.
+    pub fn take(&mut self, n: usize) -> Vec<f32> {
+        let Some(truncation) = self.truncation else {
+            return normal_vec(&mut self.rng, n * self.z_dim);
+        };
+        (0..n * self.z_dim)
+            .map(|_| loop {
+                let v: f32 = self.rng.sample(StandardNormal);
+                if v.abs() <= truncation {
+                    break v;
+                }
+            })
+            .collect()
+    }
+}
+
 /// `n` standard normal latents of `z_dim` values, row-major `[n, z_dim]`, from seed `seed`:
 /// bit-identical to sagan-train's fixed sample z for the same seed.
 pub fn latents(seed: u64, n: usize, z_dim: usize) -> Vec<f32> {
     normal_vec(&mut z_stream(seed), n * z_dim)
 }
 
-/// The truncation trick: like [`latents`], but every value with |z| > `truncation` is redrawn
-/// (from the same stream) until it fits. Values already inside are the ones [`latents`] gives,
-/// so a large truncation changes nothing.
+/// [`latents`] under the truncation trick: values already inside are the ones [`latents`]
+/// gives, so a large truncation changes nothing.
 pub fn truncated_latents(
     seed: u64,
     n: usize,
     z_dim: usize,
     truncation: f32,
 ) -> InferResult<Vec<f32>> {
-    check_truncation(truncation)?;
-    let mut rng = z_stream(seed);
-    Ok((0..n * z_dim)
-        .map(|_| loop {
-            let v: f32 = rng.sample(StandardNormal);
-            if v.abs() <= truncation {
-                break v;
-            }
-        })
-        .collect())
+    Ok(LatentStream::new(seed, z_dim, Some(truncation))?.take(n))
 }
 
 /// Rejects truncations that are not positive numbers (or so small that sampling never ends).
@@ -111,6 +140,19 @@ pub fn interpolate(a: &[f32], b: &[f32], steps: usize, mode: Interpolation) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_taken_in_batches_gives_the_latents_of_one_draw() {
+        for truncation in [None, Some(0.5)] {
+            let mut stream = LatentStream::new(3, 16, truncation).unwrap();
+            let batched: Vec<f32> = [5, 1, 7].iter().flat_map(|&n| stream.take(n)).collect();
+            let whole = match truncation {
+                None => latents(3, 13, 16),
+                Some(t) => truncated_latents(3, 13, 16, t).unwrap(),
+            };
+            assert_eq!(batched, whole);
+        }
+    }
 
     #[test]
     fn latents_are_deterministic_and_seed_dependent() {

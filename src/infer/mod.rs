@@ -15,6 +15,7 @@ pub mod generator;
 pub mod latent;
 pub mod metadata;
 pub mod runtime;
+pub mod sampling;
 
 pub use generator::{Generated, Generator, LoadOptions, Provider, TensorRtOptions, CLASS_INPUT};
 pub use latent::{interpolate, latents, truncated_latents, Interpolation};

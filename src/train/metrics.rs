@@ -11,19 +11,91 @@ use std::path::{Path, PathBuf};
 pub struct Record {
     pub step: usize,
     /// Means over the steps since the previous record.
+    #[serde(with = "float")]
     pub d_loss: f32,
+    #[serde(with = "float")]
     pub g_loss: f32,
     /// Mean D logit on real images and on G's samples.
+    #[serde(with = "float")]
     pub d_real: f32,
+    #[serde(with = "float")]
     pub d_fake: f32,
     /// Every attention layer's gamma, keyed `g.layers.I` / `d.layers.I`.
+    #[serde(with = "float_map")]
     pub gammas: BTreeMap<String, f32>,
     /// Real images per second: batch size x generator steps per second (each with n_dis D steps).
+    #[serde(with = "float")]
     pub images_per_sec: f32,
     pub elapsed_sec: f64,
     /// FID of the sampling generator, at the steps training evaluated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fid: Option<f64>,
+}
+
+/// JSON has no NaN or infinity: such values are written as the strings "NaN", "inf", "-inf"
+/// and read back as they were (a bare `null`, from older files, reads as NaN), so a log of a
+/// diverging run stays readable.
+mod float {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    pub(super) enum Repr {
+        Number(Option<f32>),
+        Text(String),
+    }
+
+    impl Repr {
+        pub(super) fn of(x: f32) -> Self {
+            match x {
+                x if x.is_finite() => Repr::Number(Some(x)),
+                x if x.is_nan() => Repr::Text("NaN".into()),
+                x if x > 0.0 => Repr::Text("inf".into()),
+                _ => Repr::Text("-inf".into()),
+            }
+        }
+
+        pub(super) fn value<E: serde::de::Error>(self) -> Result<f32, E> {
+            match self {
+                Repr::Number(x) => Ok(x.unwrap_or(f32::NAN)),
+                Repr::Text(t) => match t.as_str() {
+                    "NaN" => Ok(f32::NAN),
+                    "inf" => Ok(f32::INFINITY),
+                    "-inf" => Ok(f32::NEG_INFINITY),
+                    other => Err(E::custom(format!("'{other}' is not a number"))),
+                },
+            }
+        }
+    }
+
+    pub fn serialize<S: Serializer>(x: &f32, s: S) -> Result<S::Ok, S::Error> {
+        Repr::of(*x).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        Repr::deserialize(d)?.value()
+    }
+}
+
+/// [`float`] for every value of a map.
+mod float_map {
+    use super::float::Repr;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<String, f32>, s: S) -> Result<S::Ok, S::Error> {
+        map.iter()
+            .map(|(k, v)| (k, Repr::of(*v)))
+            .collect::<BTreeMap<_, _>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, f32>, D::Error> {
+        BTreeMap::<String, Repr>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.value()?)))
+            .collect()
+    }
 }
 
 pub struct MetricsLog {
@@ -150,6 +222,40 @@ mod tests {
             elapsed_sec: step as f64,
             fid: (step == 20).then_some(12.5),
         }
+    }
+
+    #[test]
+    fn non_finite_values_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let log = MetricsLog::open(&path, 0).unwrap();
+        let mut diverged = record(10);
+        diverged.d_loss = f32::NAN;
+        diverged.g_loss = f32::INFINITY;
+        diverged.d_fake = f32::NEG_INFINITY;
+        diverged.gammas.insert("d.layers.1".into(), f32::NAN);
+        log.append(&diverged).unwrap();
+        let back = read(&path).unwrap();
+        assert_eq!(back.len(), 1);
+        let r = &back[0];
+        assert!(r.d_loss.is_nan() && r.gammas["d.layers.1"].is_nan());
+        assert_eq!((r.g_loss, r.d_fake), (f32::INFINITY, f32::NEG_INFINITY));
+        assert_eq!(r.gammas["g.layers.2"], diverged.gammas["g.layers.2"]);
+        // Reopening (what --resume does) parses and rewrites it.
+        MetricsLog::open(&path, 10).unwrap();
+        assert!(read(&path).unwrap()[0].d_loss.is_nan());
+    }
+
+    #[test]
+    fn older_files_with_null_read_as_nan() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let line = serde_json::to_string(&record(10))
+            .unwrap()
+            .replace("\"d_loss\":1.0", "\"d_loss\":null");
+        assert!(line.contains("null"), "{line}");
+        std::fs::write(&path, line).unwrap();
+        assert!(read(&path).unwrap()[0].d_loss.is_nan());
     }
 
     #[test]

@@ -7,7 +7,10 @@ pub mod ema;
 pub mod fid;
 mod inplace;
 pub mod loss;
+mod manifest;
+pub mod memory;
 pub mod metrics;
+pub mod session;
 pub mod tensorboard;
 
 use crate::checkpoint::{self, Kind, Metadata, RunDir};
@@ -33,17 +36,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tensorboard::{EventWriter, Png};
 
-/// How often things are written; none of it changes what is computed, so it may differ on resume.
-#[derive(Debug, Clone)]
+/// How often things are written; none of it changes what is computed. Stored in the run's
+/// run.json: a resumed run keeps it unless flags change it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
     pub sample_every: usize,
     pub checkpoint_every: usize,
     pub log_every: usize,
     pub keep_last: usize,
     /// Draw a progress bar (else log plain lines).
+    #[serde(skip)]
     pub progress_bar: bool,
-    /// Write TensorBoard event files beside metrics.jsonl.
+    /// Write TensorBoard event files beside metrics.jsonl (chosen by each invocation).
+    #[serde(skip)]
     pub tensorboard: bool,
+}
+
+impl Default for Schedule {
+    fn default() -> Self {
+        Self {
+            sample_every: 100,
+            checkpoint_every: 100,
+            log_every: 10,
+            keep_last: 3,
+            progress_bar: false,
+            tensorboard: true,
+        }
+    }
 }
 
 /// How a call to [`Trainer::run`] ended.
@@ -94,6 +113,8 @@ pub struct Trainer {
     /// The data order of the current epoch, cached: (epoch, permutation).
     epoch_order: Option<(usize, Vec<usize>)>,
     fid: Option<FidMonitor>,
+    /// Written into every checkpoint file (see [`Metadata::run_id`]).
+    run_id: String,
 }
 
 impl Trainer {
@@ -194,6 +215,9 @@ impl Trainer {
             fixed_classes,
             epoch_order: None,
             fid: None,
+            // Identity, not training state: from the OS's entropy, not the run's seed, so two
+            // runs of one seed still tell their files apart.
+            run_id: format!("{:016x}", rand::random::<u64>()),
         })
     }
 
@@ -212,6 +236,8 @@ impl Trainer {
         })?;
         let mut trainer = Self::new(model_cfg, cfg, dataset, run, device)?;
         let dir = trainer.run.step_dir(step);
+        let generator_path = dir.join(Kind::Generator.file_name());
+        let run_id = checkpoint::read_metadata(&generator_path)?.run_id;
         let load = |kind: Kind| -> Result<_> {
             let path = dir.join(kind.file_name());
             let (tensors, meta) = checkpoint::load(&path, &trainer.device)?;
@@ -227,6 +253,9 @@ impl Trainer {
             }
             if meta.step != step {
                 return Err(mismatch("its step"));
+            }
+            if meta.run_id != run_id {
+                return Err(mismatch("its run id"));
             }
             Ok((tensors, path))
         };
@@ -247,7 +276,15 @@ impl Trainer {
                 })?;
         }
         trainer.step = step;
+        if let Some(id) = run_id {
+            trainer.run_id = id;
+        }
         Ok(trainer)
+    }
+
+    /// The identity written into this run's checkpoints.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
     }
 
     pub fn step(&self) -> usize {
@@ -377,10 +414,7 @@ impl Trainer {
         stats.g_loss = self.generator_step()?;
         self.step += 1;
         if !(stats.d_loss.is_finite() && stats.g_loss.is_finite()) {
-            return Err(Error::Config(format!(
-                "training diverged at step {} (d_loss {}, g_loss {}); the last checkpoint is intact: try lower learning rates",
-                self.step, stats.d_loss, stats.g_loss
-            )));
+            return Err(self.diverged(format!("d_loss {}, g_loss {}", stats.d_loss, stats.g_loss)));
         }
         Ok(stats)
     }
@@ -505,13 +539,46 @@ impl Trainer {
         metrics::save_curves(&metrics::read(&self.run.metrics())?, &self.run.curves())
     }
 
-    /// The files of a checkpoint of the current state.
+    /// The divergence error at the current step: what was not finite, and the checkpoint
+    /// training can be taken up from (every written one holds finite values only).
+    fn diverged(&self, what: String) -> Error {
+        let last_good = match self.run.latest_step() {
+            Ok(Some(step)) => format!(
+                "the last checkpoint, all finite, is {}; train again with lower learning rates (--lr-d, --lr-g)",
+                self.run.step_dir(step).display()
+            ),
+            _ => "no checkpoint was written; lower the learning rates (--lr-d, --lr-g) and train again"
+                .to_string(),
+        };
+        Error::Diverged {
+            step: self.step,
+            what,
+            last_good,
+        }
+    }
+
+    /// The files of a checkpoint of the current state, refused if any value is not finite: a
+    /// checkpoint on disk is always one training can go on from.
     fn checkpoint_files(&self) -> Result<Vec<checkpoint::CheckpointFile>> {
+        let files = self.unchecked_checkpoint_files()?;
+        for (meta, tensors) in &files {
+            if let Some(name) = checkpoint::first_non_finite(tensors)? {
+                return Err(self.diverged(format!(
+                    "{} tensor '{name}' holds NaN or infinity; nothing written",
+                    meta.kind.name()
+                )));
+            }
+        }
+        Ok(files)
+    }
+
+    fn unchecked_checkpoint_files(&self) -> Result<Vec<checkpoint::CheckpointFile>> {
         let meta = |kind| Metadata {
             kind,
             model: self.model_cfg.clone(),
             train: self.cfg.clone(),
             step: self.step,
+            run_id: Some(self.run_id.clone()),
         };
         let mut files = vec![
             (
