@@ -291,7 +291,7 @@ fn bad_input_is_one_clean_error() {
         ),
         (
             &["--baseline", "--data", "builtin", "--feature-net", &tiny],
-            "expected float32 [batch, C, H, W] images",
+            "input 'z' is float32 [?, 8], expected float32 [batch, C, H, W] images",
         ),
     ];
     for (args, needle) in cases {

@@ -2,7 +2,7 @@
 //!
 //! They need ONNX Runtime: `ORT_DYLIB_PATH`, or the CPU install that
 //! `tools/install-onnxruntime.sh cpu` makes in `.onnxruntime/cpu`. The provider tests assume
-//! that CPU-only runtime (as in CI).
+//! that CPU-only runtime (as in CI), and skip where CUDA runs.
 #![cfg(feature = "infer")]
 
 mod common;
@@ -47,7 +47,10 @@ fn run(cmd: &mut Command) -> Outcome {
 /// A failure must be one `error: ...` line containing `needle`, a non-zero exit, no panic.
 fn assert_clean_error(args: &[&str], needle: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let out = run(infer(dir.path()).args(args));
+    check_clean_error(&run(infer(dir.path()).args(args)), args, needle);
+}
+
+fn check_clean_error(out: &Outcome, args: &[&str], needle: &str) {
     assert!(!out.success, "{args:?} succeeded: {}", out.stdout);
     let lines: Vec<&str> = out.stderr.lines().collect();
     assert_eq!(
@@ -188,8 +191,20 @@ fn bench_prints_percentiles_and_writes_nothing() {
 #[test]
 fn cuda_is_required_unless_fallback_cpu() {
     let model = fixture("tiny-generator.onnx");
-    assert_clean_error(
-        &["--model", model.to_str().unwrap(), "--provider", "cuda"],
+    let cuda = ["--model", model.to_str().unwrap(), "--provider", "cuda"];
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(infer(dir.path()).args(cuda));
+    if out.success {
+        // A GPU runtime on a machine with a GPU: there is no unavailable provider to test.
+        eprintln!(
+            "skipped: CUDA runs here with {}; this test needs a runtime or machine without it",
+            ort_lib().display()
+        );
+        return;
+    }
+    check_clean_error(
+        &out,
+        &cuda,
         "cuda execution provider unavailable: CUDA execution provider is not enabled in this build",
     );
     assert_clean_error(
@@ -213,6 +228,27 @@ fn cuda_is_required_unless_fallback_cpu() {
     assert!(out.stderr.contains("running on the CPU"), "{}", out.stderr);
     assert!(out.stderr.contains("provider cpu"), "{}", out.stderr);
     assert!(dir.path().join("samples/seed0-grid.png").exists());
+}
+
+#[test]
+fn compare_cpu_prints_the_largest_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("tiny-generator.onnx");
+    let model = model.to_str().unwrap();
+    let out = run(infer(dir.path()).args(["--model", model, "--count", "5", "--compare-cpu"]));
+    assert!(out.success, "{}", out.stderr);
+    // The CPU against itself: the same runtime and latents give the same numbers.
+    assert!(
+        out.stdout
+            .contains("max |diff| against the CPU provider: 0.000e0 (5 images on cpu)"),
+        "{}",
+        out.stdout
+    );
+    assert!(dir.path().join("samples/seed0-grid.png").exists());
+    assert_clean_error(
+        &["--model", model, "--bench", "--compare-cpu"],
+        "--compare-cpu does not apply to --bench",
+    );
 }
 
 #[test]

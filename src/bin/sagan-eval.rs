@@ -14,8 +14,8 @@ use sagan::eval::{
     builtin_feature_net, evaluate, summarise, EvalOptions, EvalReport, FeatureNet,
     FeatureNetOptions, FeatureSummary, Resize,
 };
-use sagan::infer::cli::{ProviderArg, ProviderArgs};
-use sagan::infer::{Generator, LoadOptions, Provider, Runtime, TensorRtOptions};
+use sagan::infer::cli::ProviderArgs;
+use sagan::infer::{Generator, LoadOptions, Runtime, TensorRtOptions};
 use std::path::{Path, PathBuf};
 
 /// The real images are a fixed random subset, whatever --seed says, so that their cached
@@ -169,17 +169,10 @@ fn run(args: &Args) -> Result<()> {
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
-    let provider = match args.ort.provider {
-        ProviderArg::Cpu => Provider::Cpu,
-        ProviderArg::Cuda => Provider::Cuda {
-            device_id: args.ort.device_id,
-        },
-        ProviderArg::Tensorrt => Provider::TensorRt(TensorRtOptions {
-            device_id: args.ort.device_id,
-            batch_profile: Some([1, args.batch, args.batch]),
-            ..Default::default()
-        }),
-    };
+    let provider = args.ort.provider(TensorRtOptions {
+        batch_profile: Some([1, args.batch, args.batch]),
+        ..Default::default()
+    });
     let search = args.ort.library_search();
     let runtime = Runtime::init(&search)?;
 

@@ -1,9 +1,10 @@
 //! sagan-export: a generator checkpoint to ONNX, verified against the training graph.
 
 use anyhow::Result;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use sagan::export::triton::{export_to_repository, ConfigWrite, InstanceKind, ServingOptions};
 use sagan::export::{
-    export_checkpoint, resolve_checkpoint, ExportOptions, Weights, EXPORT_TOLERANCE,
+    export_checkpoint, resolve_checkpoint, ExportOptions, ExportReport, Weights, EXPORT_TOLERANCE,
 };
 use std::path::PathBuf;
 
@@ -23,12 +24,45 @@ use std::path::PathBuf;
 ///   sagan-export g.onnx --checkpoint runs/x/checkpoints/step-00001000/generator.safetensors
 ///   sagan-export g.onnx --attention-maps                 # + attention_0.. outputs for the viewer
 ///   sagan-export g.onnx --decompose-conv-transpose       # for runtimes without ConvTranspose
+///   sagan-export --triton models/ --max-batch 32 --instances 2 --tensorrt --trt-fp16
+///       # a Triton Inference Server model repository: models/<preset>/config.pbtxt and
+///       # models/<preset>/1/model.onnx (the next export of it goes to models/<preset>/2/)
 #[derive(Parser, Debug)]
 #[command(name = "sagan-export", version, verbatim_doc_comment)]
 struct Args {
     /// Where to write the ONNX model.
     #[arg(default_value = "model.onnx")]
     output: PathBuf,
+
+    /// Write into this Triton Inference Server model repository instead (created if missing;
+    /// an existing directory must be a repository): REPO/NAME/config.pbtxt and
+    /// REPO/NAME/<version>/model.onnx, a new version directory when the model exists.
+    #[arg(long, value_name = "REPO", conflicts_with = "output")]
+    triton: Option<PathBuf>,
+
+    /// Triton: the model's name [default: the preset's].
+    #[arg(long, requires = "triton")]
+    name: Option<String>,
+
+    /// Triton: the largest batch it forms from queued requests (dynamic batching).
+    #[arg(long, value_name = "N", default_value_t = 64, requires = "triton")]
+    max_batch: usize,
+
+    /// Triton: model instances per GPU (or on the CPU), running batches concurrently.
+    #[arg(long, value_name = "K", default_value_t = 1, requires = "triton")]
+    instances: usize,
+
+    /// Triton: where the instances run.
+    #[arg(long, value_enum, default_value_t = KindArg::Gpu, requires = "triton")]
+    kind: KindArg,
+
+    /// Triton: run the model through ONNX Runtime's TensorRT provider (GPU only).
+    #[arg(long, requires = "triton")]
+    tensorrt: bool,
+
+    /// Triton: let TensorRT use FP16 kernels.
+    #[arg(long, requires = "tensorrt")]
+    trt_fp16: bool,
 
     /// A run directory, a checkpoint step directory, or a generator .safetensors file.
     /// Default: the newest checkpoint of any run under runs/.
@@ -53,6 +87,12 @@ struct Args {
     force: bool,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum KindArg {
+    Gpu,
+    Cpu,
+}
+
 fn main() {
     sagan::logging::init("info", false);
     if let Err(e) = run(Args::parse()) {
@@ -73,7 +113,44 @@ fn run(args: Args) -> Result<()> {
         decompose_conv_transpose: args.decompose_conv_transpose,
         force: args.force,
     };
-    let report = export_checkpoint(&checkpoint, &args.output, &opts)?;
+    let Some(repo) = &args.triton else {
+        print_report(&export_checkpoint(&checkpoint, &args.output, &opts)?);
+        return Ok(());
+    };
+    let serving = ServingOptions {
+        max_batch: args.max_batch,
+        instances: args.instances,
+        kind: match args.kind {
+            KindArg::Gpu => InstanceKind::Gpu,
+            KindArg::Cpu => InstanceKind::Cpu,
+        },
+        tensorrt: args.tensorrt.then_some(args.trt_fp16),
+    };
+    let report = export_to_repository(&checkpoint, repo, args.name.as_deref(), &opts, &serving)?;
+    print_report(&report.export);
+    let config = report.model_dir.join("config.pbtxt");
+    match report.config {
+        ConfigWrite::Created => println!("{}: written", config.display()),
+        ConfigWrite::Replaced => println!(
+            "{}: replaced (unedited since sagan-export wrote it)",
+            config.display()
+        ),
+        ConfigWrite::Unchanged => println!("{}: unchanged", config.display()),
+        ConfigWrite::KeptEdited => println!(
+            "{}: kept as edited (this export's serving flags and metadata are not in it)",
+            config.display()
+        ),
+    }
+    println!(
+        "Triton model '{}' version {}: tritonserver --model-repository {}",
+        report.name,
+        report.version,
+        repo.display()
+    );
+    Ok(())
+}
+
+fn print_report(report: &ExportReport) {
     println!(
         "{}: {} at step {} from {} ({} bytes, {} nodes, max |candle - onnx| = {:.2e} <= {EXPORT_TOLERANCE:e})",
         report.output.display(),
@@ -84,5 +161,4 @@ fn run(args: Args) -> Result<()> {
         report.nodes,
         report.max_abs_diff
     );
-    Ok(())
 }

@@ -22,6 +22,9 @@ Examples:
   # try the GPU, run on the CPU with a warning if it cannot be used
   sagan-infer --provider cuda --fallback cpu
 
+  # check the GPU's numbers: max |difference| against the CPU provider on the same latents
+  sagan-infer --provider cuda --compare-cpu --count 16
+
   # TensorRT, fp16, engines cached across runs, tuned for batches of 1 to 64
   sagan-infer --provider tensorrt --trt-fp16 --trt-cache .trt-cache --trt-batch 1,64,64
 
@@ -45,7 +48,9 @@ Examples:
 Latents are the same as sagan-train's sample grids: `--seed S` reproduces the grid of the
 training run with seed S. Attention overlays are written when the model was exported with
 --attention-maps. ONNX Runtime is looked for in: --ort-lib, $ORT_DYLIB_PATH,
-./.onnxruntime/{cpu,gpu}/lib, the repository's .onnxruntime (for `cargo run`), then the system.";
+./.onnxruntime/{cpu,gpu}/lib, the repository's .onnxruntime (for `cargo run`), then the system.
+The GPU providers' CUDA, cuDNN and TensorRT libraries are loaded from --cuda-libs, the GPU
+install, a Python environment's NVIDIA wheels, then the system (docs/gpu.md).";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum InterpArg {
@@ -147,6 +152,11 @@ struct Args {
     #[arg(long)]
     bench: bool,
 
+    /// Also run the same latents on the CPU provider and print the largest |difference| between
+    /// the two sets of images (checks a GPU provider's numbers).
+    #[arg(long)]
+    compare_cpu: bool,
+
     /// Timed runs for --bench.
     #[arg(long, default_value_t = 50, value_name = "N")]
     bench_runs: usize,
@@ -194,6 +204,9 @@ fn run(args: &Args, start: Instant) -> Result<()> {
         check_truncation(t)?;
     }
     let grid = !args.no_grid;
+    if args.bench && args.compare_cpu {
+        bail!("--compare-cpu does not apply to --bench");
+    }
     if !args.bench {
         if !grid && !args.png_each {
             bail!("--no-grid without --png-each would write nothing");
@@ -246,10 +259,40 @@ fn run(args: &Args, start: Instant) -> Result<()> {
         start,
     );
     let n = plan.images();
+    let mut cpu = match args.compare_cpu {
+        true => {
+            let cpu_options = LoadOptions {
+                provider: Provider::Cpu,
+                fallback_cpu: false,
+                ..options
+            };
+            Some(Generator::load(runtime, &args.model, &cpu_options)?)
+        }
+        false => None,
+    };
+    let mut max_diff = 0f32;
     for first in (0..n).step_by(batch) {
         let m = batch.min(n - first);
         let z = latents.take(m)?;
-        writer.push(generator.generate(&z, classes_of(first, m).as_deref(), m)?)?;
+        let classes = classes_of(first, m);
+        let images = generator.generate(&z, classes.as_deref(), m)?;
+        if let Some(cpu) = &mut cpu {
+            let reference = cpu.generate(&z, classes.as_deref(), m)?;
+            let Some(diff) = images.max_abs_diff(&reference) else {
+                bail!(
+                    "{}: the CPU provider's images have another shape",
+                    args.model.display()
+                );
+            };
+            max_diff = max_diff.max(diff);
+        }
+        writer.push(images)?;
+    }
+    if cpu.is_some() {
+        println!(
+            "max |diff| against the CPU provider: {max_diff:.3e} ({n} images on {})",
+            generator.provider()
+        );
     }
     let written = writer.finish()?;
     for line in &written.lines {
@@ -327,18 +370,12 @@ fn provider(args: &Args, batch: usize) -> Result<Provider> {
     if trt_flags && args.ort.provider != ProviderArg::Tensorrt {
         bail!("--trt-cache, --trt-fp16 and --trt-batch need --provider tensorrt");
     }
-    Ok(match args.ort.provider {
-        ProviderArg::Cpu => Provider::Cpu,
-        ProviderArg::Cuda => Provider::Cuda {
-            device_id: args.ort.device_id,
-        },
-        ProviderArg::Tensorrt => Provider::TensorRt(TensorRtOptions {
-            device_id: args.ort.device_id,
-            cache_dir: args.trt_cache.clone(),
-            fp16: args.trt_fp16,
-            batch_profile: Some(args.trt_batch.unwrap_or([1, batch, batch])),
-        }),
-    })
+    Ok(args.ort.provider(TensorRtOptions {
+        cache_dir: args.trt_cache.clone(),
+        fp16: args.trt_fp16,
+        batch_profile: Some(args.trt_batch.unwrap_or([1, batch, batch])),
+        ..Default::default()
+    }))
 }
 
 /// Creates the output folder and proves it writable before any model work is done.

@@ -8,12 +8,12 @@
 //! its `sagan.input_range` metadata names ("lo,hi"; [-1, 1] without it).
 
 use crate::image_io::ImageBatch;
-use crate::infer::generator::provider_error;
+use crate::infer::generator::{describe_type, provider_error, tensor_decl};
 use crate::infer::runtime::Runtime;
 use crate::infer::{InferError, InferResult, Provider};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
-use ort::value::{TensorElementType, TensorRef, ValueType};
+use ort::value::{TensorElementType, TensorRef};
 use std::path::{Path, PathBuf};
 
 /// The output names looked for when the caller names none.
@@ -393,20 +393,6 @@ struct Signature {
     kind: Option<String>,
 }
 
-/// A declared tensor: element type and shape with `None` for symbolic dimensions.
-fn tensor_decl(ty: &ValueType) -> Option<(TensorElementType, Vec<Option<usize>>)> {
-    match ty {
-        ValueType::Tensor { ty, shape, .. } => Some((
-            *ty,
-            shape
-                .iter()
-                .map(|&d| usize::try_from(d).ok().filter(|&d| d > 0))
-                .collect(),
-        )),
-        _ => None,
-    }
-}
-
 fn inspect(session: &Session, options: &FeatureNetOptions) -> Result<Signature, String> {
     let (input, input_dims) = match session.inputs() {
         [only] => match tensor_decl(only.dtype()) {
@@ -415,9 +401,9 @@ fn inspect(session: &Session, options: &FeatureNetOptions) -> Result<Signature, 
             }
             _ => {
                 return Err(format!(
-                    "input '{}' is {:?}, expected float32 [batch, C, H, W] images",
+                    "input '{}' is {}, expected float32 [batch, C, H, W] images",
                     only.name(),
-                    only.dtype()
+                    describe_type(only.dtype())
                 ))
             }
         },
@@ -449,8 +435,8 @@ fn inspect(session: &Session, options: &FeatureNetOptions) -> Result<Signature, 
                 Ok(Some(name.to_string()))
             }
             _ => Err(format!(
-                "output '{name}' is {:?}, expected float32 [batch, D] (choose another output with {flag} NAME)",
-                output.dtype()
+                "output '{name}' is {}, expected float32 [batch, D] (choose another output with {flag} NAME)",
+                describe_type(output.dtype())
             )),
         }
     };
@@ -525,7 +511,7 @@ fn build_session(
             .map_err(|e| setup(e.to_string()))?;
     }
     let mut builder = builder
-        .with_execution_providers(provider.dispatches(&[])?)
+        .with_execution_providers(provider.dispatches(runtime, &[])?)
         .map_err(|e| setup(e.to_string()))?;
     builder.commit_from_memory(bytes).map_err(|e| {
         let msg = e.to_string();

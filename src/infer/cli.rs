@@ -1,6 +1,6 @@
 //! Command-line options shared by the binaries that run ONNX Runtime.
 
-use super::LibrarySearch;
+use super::{LibrarySearch, Provider, TensorRtOptions};
 use clap::ValueEnum;
 use std::path::PathBuf;
 
@@ -34,6 +34,13 @@ pub struct ProviderArgs {
     /// The ONNX Runtime library (libonnxruntime.so*) to load; overrides $ORT_DYLIB_PATH.
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
+
+    /// Folder with the CUDA, cuDNN and TensorRT libraries for cuda and tensorrt (a folder of
+    /// .so files, a Python site-packages, or a .onnxruntime/gpu install); repeatable; overrides
+    /// $SAGAN_CUDA_LIBS. Looked in first, then the GPU install of tools/install-onnxruntime.sh
+    /// gpu, a Python environment's NVIDIA wheels, and the system. No LD_LIBRARY_PATH needed.
+    #[arg(long, value_name = "DIR")]
+    pub cuda_libs: Vec<PathBuf>,
 }
 
 impl ProviderArgs {
@@ -43,6 +50,24 @@ impl ProviderArgs {
 
     /// Where to look for ONNX Runtime; a GPU provider prefers the GPU install.
     pub fn library_search(&self) -> LibrarySearch {
-        LibrarySearch::from_process(self.ort_lib.clone(), self.provider != ProviderArg::Cpu)
+        LibrarySearch {
+            cuda_libs: self.cuda_libs.clone(),
+            ..LibrarySearch::from_process(self.ort_lib.clone(), self.provider != ProviderArg::Cpu)
+        }
+    }
+
+    /// The provider asked for; `tensorrt` holds the binary's TensorRT settings (its device
+    /// is --device-id's).
+    pub fn provider(&self, tensorrt: TensorRtOptions) -> Provider {
+        match self.provider {
+            ProviderArg::Cpu => Provider::Cpu,
+            ProviderArg::Cuda => Provider::Cuda {
+                device_id: self.device_id,
+            },
+            ProviderArg::Tensorrt => Provider::TensorRt(TensorRtOptions {
+                device_id: self.device_id,
+                ..tensorrt
+            }),
+        }
     }
 }

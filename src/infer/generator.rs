@@ -7,11 +7,12 @@
 //! generator (one float `[batch, z]` input, one 4-D output, no metadata) is accepted when its
 //! z size is known.
 
+use super::gpu;
 use super::metadata::SaganMetadata;
 use super::runtime::Runtime;
 use super::{InferError, InferResult, INSTALL_GPU};
 use crate::image_io::MapGrid;
-use ort::ep::{self, ExecutionProviderDispatch};
+use ort::ep::{self, ExecutionProvider, ExecutionProviderDispatch};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionOutputs};
 use ort::value::{TensorElementType, TensorRef, ValueType};
@@ -59,16 +60,26 @@ impl Provider {
     /// log and quietly run on the CPU, which would make `--provider cuda` a lie.
     /// `batch_inputs` are the inputs with a symbolic batch and their other dimensions, for
     /// TensorRT's optimisation profile.
+    /// The GPU libraries are loaded and the device checked first (see [`super::gpu`]), so that
+    /// a failure names what is missing.
     pub(crate) fn dispatches(
         &self,
+        runtime: &Runtime,
         batch_inputs: &[(&str, &[usize])],
     ) -> InferResult<Vec<ExecutionProviderDispatch>> {
+        self.prepare_gpu(runtime)?;
+        // TF32 (ONNX Runtime's default on Ampere and newer) rounds fp32 matmuls and convolutions
+        // to 10-bit mantissas: --provider cuda would no longer compute what the CPU does.
+        let cuda = |device_id: i32| {
+            ep::CUDA::default()
+                .with_device_id(device_id)
+                .with_tf32(false)
+                .build()
+                .error_on_failure()
+        };
         Ok(match self {
             Provider::Cpu => Vec::new(),
-            Provider::Cuda { device_id } => vec![ep::CUDA::default()
-                .with_device_id(*device_id)
-                .build()
-                .error_on_failure()],
+            Provider::Cuda { device_id } => vec![cuda(*device_id)],
             Provider::TensorRt(trt) => {
                 let mut provider = ep::TensorRT::default()
                     .with_device_id(trt.device_id)
@@ -108,15 +119,26 @@ impl Provider {
                         .with_profile_max_shapes(shape(max));
                 }
                 // CUDA runs whatever TensorRT does not take; both must work.
-                vec![
-                    provider.build().error_on_failure(),
-                    ep::CUDA::default()
-                        .with_device_id(trt.device_id)
-                        .build()
-                        .error_on_failure(),
-                ]
+                vec![provider.build().error_on_failure(), cuda(trt.device_id)]
             }
         })
+    }
+}
+
+impl Provider {
+    /// Loads the libraries of a GPU provider and checks the device, where the loaded ONNX
+    /// Runtime has the provider; a CPU-only runtime is left to say so itself on registration.
+    fn prepare_gpu(&self, runtime: &Runtime) -> InferResult<()> {
+        let (compiled_in, device_id) = match self {
+            Provider::Cpu => return Ok(()),
+            Provider::Cuda { device_id } => (ep::CUDA::is_available(), *device_id),
+            Provider::TensorRt(trt) => (ep::TensorRT::is_available(), trt.device_id),
+        };
+        if !compiled_in.unwrap_or(false) {
+            return Ok(());
+        }
+        gpu::prepare(runtime.gpu_libraries(), self, device_id)
+            .map_err(|msg| provider_error(runtime, self, msg))
     }
 }
 
@@ -525,6 +547,27 @@ impl Generated {
         }
         self.n += other.n;
     }
+
+    /// The largest |difference| between these images and `other`'s (the same latents on
+    /// another provider); infinite where one is NaN and the other not, `None` when the shapes
+    /// differ.
+    pub fn max_abs_diff(&self, other: &Generated) -> Option<f32> {
+        let shape = |g: &Generated| (g.n, g.channels, g.height, g.width);
+        if shape(self) != shape(other) || self.images.len() != other.images.len() {
+            return None;
+        }
+        Some(
+            self.images
+                .iter()
+                .zip(&other.images)
+                .map(|(a, b)| match (a.is_nan(), b.is_nan()) {
+                    (true, true) => 0.0,
+                    (false, false) => (a - b).abs(),
+                    _ => f32::INFINITY,
+                })
+                .fold(0.0, f32::max),
+        )
+    }
 }
 
 /// Copies output `name` out of the session's buffers, with its shape.
@@ -603,7 +646,7 @@ fn build_provider_session(
             batch_inputs.push((name.as_str(), &[]));
         }
     }
-    let dispatches = options.provider.dispatches(&batch_inputs)?;
+    let dispatches = options.provider.dispatches(runtime, &batch_inputs)?;
     let mut builder =
         Session::builder(runtime.environment()).map_err(|e| provider_err(e.to_string()))?;
     if let Some(threads) = options.threads {
@@ -624,11 +667,11 @@ pub(crate) fn provider_error(runtime: &Runtime, provider: &Provider, msg: String
     let lib = runtime.library().display();
     let hint = if msg.contains("not enabled in this build") {
         format!("; {lib} is a CPU-only ONNX Runtime: install the GPU one with {INSTALL_GPU}")
-    } else if msg.contains(".so") {
+    } else if msg.contains(".so") && !msg.starts_with(gpu::NO_DEVICE) {
         format!(
-            "; {lib} needs the CUDA 13 and cuDNN 9 libraries{} on the library path",
+            "; {lib} needs CUDA 13 and cuDNN 9{}: install them with {INSTALL_GPU}, or name their folder with --cuda-libs",
             if matches!(provider, Provider::TensorRt(_)) {
-                " (and TensorRT 10, libnvinfer.so.10)"
+                " (and TensorRT 10)"
             } else {
                 ""
             }
@@ -671,7 +714,7 @@ fn read_metadata(session: &Session) -> Result<SaganMetadata, String> {
 }
 
 /// A declared tensor: element type and shape with `None` for symbolic dimensions.
-fn tensor_decl(ty: &ValueType) -> Option<(TensorElementType, Vec<Option<usize>>)> {
+pub(crate) fn tensor_decl(ty: &ValueType) -> Option<(TensorElementType, Vec<Option<usize>>)> {
     match ty {
         ValueType::Tensor { ty, shape, .. } => Some((
             *ty,
@@ -681,6 +724,18 @@ fn tensor_decl(ty: &ValueType) -> Option<(TensorElementType, Vec<Option<usize>>)
                 .collect(),
         )),
         _ => None,
+    }
+}
+
+/// A declared value as a user reads it: `float32 [?, 3, 64, 64]`, not a Rust debug dump.
+pub(crate) fn describe_type(ty: &ValueType) -> String {
+    match tensor_decl(ty) {
+        Some((elem, dims)) => format!(
+            "{} {}",
+            format!("{elem:?}").to_lowercase(),
+            show_dims(&dims)
+        ),
+        None => "not a tensor".to_string(),
     }
 }
 
@@ -709,7 +764,7 @@ fn inspect(
     let describe_inputs = || {
         let names: Vec<String> = inputs
             .iter()
-            .map(|i| format!("'{}' {:?}", i.name(), i.dtype()))
+            .map(|i| format!("'{}' {}", i.name(), describe_type(i.dtype())))
             .collect();
         names.join(", ")
     };
@@ -732,8 +787,8 @@ fn inspect(
                 Some((TensorElementType::Int64, dims)) if dims.len() == 1 => {}
                 _ => {
                     return Err(format!(
-                        "input '{CLASS_INPUT}' is {:?}, expected int64 [batch]",
-                        class.dtype()
+                        "input '{CLASS_INPUT}' is {}, expected int64 [batch]",
+                        describe_type(class.dtype())
                     ))
                 }
             }
@@ -748,8 +803,8 @@ fn inspect(
         .ok_or_else(|| format!("input '{z_name}' is not a tensor{not_sagan}"))?;
     if z_ty != TensorElementType::Float32 || z_dims.len() != 2 {
         return Err(format!(
-            "input '{z_name}' is {z_ty:?} {}, expected float32 [batch, z_dim]{not_sagan}",
-            show_dims(&z_dims)
+            "input '{z_name}' is {}, expected float32 [batch, z_dim]{not_sagan}",
+            describe_type(z.dtype())
         ));
     }
     let known = [
@@ -797,10 +852,10 @@ fn inspect(
     let image_name = image.name().to_string();
     let image_dims = match tensor_decl(image.dtype()) {
         Some((TensorElementType::Float32, dims)) if dims.len() == 4 => dims,
-        Some((ty, dims)) => {
+        Some(_) => {
             return Err(format!(
-                "output '{image_name}' is {ty:?} {}, expected float32 [batch, C, H, W]: not an image generator{not_sagan}",
-                show_dims(&dims)
+                "output '{image_name}' is {}, expected float32 [batch, C, H, W]: not an image generator{not_sagan}",
+                describe_type(image.dtype())
             ))
         }
         None => return Err(format!("output '{image_name}' is not a tensor{not_sagan}")),
@@ -860,4 +915,32 @@ fn inspect(
         attention_outputs: attention.iter().map(|a| a.1.clone()).collect(),
         attention_n: attention.iter().map(|a| a.2).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generated(images: Vec<f32>) -> Generated {
+        Generated {
+            n: 1,
+            channels: 1,
+            height: 1,
+            width: images.len(),
+            images,
+            attention: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn max_abs_diff_is_the_largest_gap_and_nan_counts_as_infinite() {
+        let a = generated(vec![0.0, 1.0, -1.0]);
+        assert_eq!(a.max_abs_diff(&generated(vec![0.0, 1.25, -1.5])), Some(0.5));
+        assert_eq!(a.max_abs_diff(&a), Some(0.0));
+        assert_eq!(
+            a.max_abs_diff(&generated(vec![0.0, f32::NAN, -1.0])),
+            Some(f32::INFINITY)
+        );
+        assert_eq!(a.max_abs_diff(&generated(vec![0.0, 1.0])), None);
+    }
 }

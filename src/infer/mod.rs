@@ -5,6 +5,8 @@
 //! - [`generator`] loads and validates a sagan ONNX export, registers the requested execution
 //!   provider (strictly: a provider that cannot run is an error, not a silent CPU fallback)
 //!   and runs it.
+//! - [`gpu`] loads the CUDA, cuDNN and TensorRT libraries of the GPU providers from a known
+//!   folder and asks the driver for the device, before a GPU provider registers.
 //! - [`latent`] draws the latents: bit-compatible with sagan-train's sample grids, with the
 //!   truncation trick and latent interpolation.
 //! - [`bench`] summarises latencies.
@@ -12,6 +14,7 @@
 pub mod bench;
 pub mod cli;
 pub mod generator;
+pub mod gpu;
 pub mod latent;
 pub mod metadata;
 pub mod runtime;

@@ -2,6 +2,7 @@
 //! (the binary links nothing), so a missing or wrong library is a normal, reportable error
 //! here; plain `ort::init()` would panic instead.
 
+use super::gpu::GpuLibrarySearch;
 use super::{InferError, InferResult, INSTALL_CPU, INSTALL_GPU};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -42,6 +43,8 @@ pub struct LibrarySearch {
     pub roots: Vec<PathBuf>,
     /// Look in `.onnxruntime/gpu` before `.onnxruntime/cpu` (for the CUDA and TensorRT providers).
     pub prefer_gpu: bool,
+    /// `--cuda-libs`: folders with the GPU providers' libraries (see [`GpuLibrarySearch`]).
+    pub cuda_libs: Vec<PathBuf>,
 }
 
 impl LibrarySearch {
@@ -66,6 +69,7 @@ impl LibrarySearch {
             env,
             roots,
             prefer_gpu,
+            cuda_libs: Vec::new(),
         }
     }
 
@@ -170,6 +174,7 @@ fn load_error_text(e: &ort::LoadDynamicError) -> String {
 pub struct Runtime {
     library: PathBuf,
     environment: ort::environment::Environment,
+    gpu_libraries: GpuLibrarySearch,
 }
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
@@ -219,9 +224,15 @@ impl Runtime {
                         msg: e.to_string(),
                     })?;
             tracing::info!("ONNX Runtime loaded from {}", candidate.path.display());
+            let gpu_libraries = GpuLibrarySearch::from_process(
+                search.cuda_libs.clone(),
+                &candidate.path,
+                &search.roots,
+            );
             return Ok(RUNTIME.get_or_init(|| Runtime {
                 library: candidate.path,
                 environment,
+                gpu_libraries,
             }));
         }
         let looked: Vec<String> = search
@@ -246,6 +257,11 @@ impl Runtime {
 
     pub fn environment(&self) -> &ort::environment::Environment {
         &self.environment
+    }
+
+    /// Where the GPU providers' libraries are looked for.
+    pub fn gpu_libraries(&self) -> &GpuLibrarySearch {
+        &self.gpu_libraries
     }
 }
 
@@ -280,7 +296,7 @@ mod tests {
             explicit: Some("/opt/flag/libonnxruntime.so".into()),
             env: Some("/opt/env/libonnxruntime.so".into()),
             roots: vec![root.path().to_path_buf()],
-            prefer_gpu: false,
+            ..Default::default()
         };
         let only = |s: &LibrarySearch| {
             let c = s.candidates();
