@@ -125,22 +125,27 @@ pub fn grid_image(batch: ImageBatch, ncols: usize) -> RgbImage {
     compose(&rows, batch.w as u32 * scale, batch.h as u32 * scale)
 }
 
-/// Writes any RgbImage as PNG atomically. The image is encoded in memory first, so an encoding
-/// failure never touches the disk; errors name `path`, not the temporary file.
-pub fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
+/// `img` encoded as PNG, in memory; errors name `path`, the file it is meant for.
+pub fn encode_png(path: &Path, img: &RgbImage) -> Result<Vec<u8>> {
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, image::ImageFormat::Png)
         .map_err(|e| Error::Image {
             path: path.to_path_buf(),
             msg: format!("encoding PNG: {e}"),
         })?;
-    let bytes = bytes.into_inner();
+    Ok(bytes.into_inner())
+}
+
+/// Writes any RgbImage as PNG atomically. The image is encoded in memory first, so an encoding
+/// failure never touches the disk; errors name `path`, not the temporary file.
+pub fn save_png(path: &Path, img: &RgbImage) -> Result<()> {
+    let bytes = encode_png(path, img)?;
     fsutil::write_atomic_with(path, |tmp| {
         std::fs::write(tmp, &bytes).map_err(|e| Error::io(path, e))
     })
 }
 
-/// Writes `grid_image(batch, ncols)` as PNG, atomically: the one call a training loop needs.
+/// Writes `grid_image(batch, ncols)` as PNG, atomically.
 pub fn save_grid(path: &Path, batch: ImageBatch, ncols: usize) -> Result<()> {
     save_png(path, &grid_image(batch, ncols))
 }

@@ -17,13 +17,7 @@ fn tiny_run(dir: &Path, preset: &str) -> PathBuf {
 
 /// The official ONNX checker, from the Python that tools/test.sh set up.
 fn check_with_onnx_checker(files: &[PathBuf]) {
-    let python = std::env::var("SAGAN_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/check_onnx.py");
-    let out = std::process::Command::new(&python)
-        .arg(script)
-        .args(files)
-        .output()
-        .unwrap_or_else(|e| panic!("{python}: {e} (run the tests through tools/test.sh)"));
+    let out = common::python_tool("check_onnx.py", files);
     assert!(
         out.status.success(),
         "onnx.checker rejected an export (or onnx is not installed: run tools/test.sh):\n{}",

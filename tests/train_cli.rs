@@ -42,6 +42,7 @@ fn help_teaches_the_main_options() {
     train().arg("--help").assert().success().stdout(
         predicate::str::contains("--resume")
             .and(predicate::str::contains("--preset"))
+            .and(predicate::str::contains("--no-tensorboard"))
             .and(predicate::str::contains("sagan-mnist28")),
     );
 }
@@ -167,7 +168,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     train()
         .args(QUICK)
         .args(common)
-        .args(["--steps", "4", "--out"])
+        .args(["--steps", "4", "--no-tensorboard", "--out"])
         .arg(&straight)
         .assert()
         .success();
@@ -210,6 +211,20 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         })
         .collect();
     assert_eq!(steps, vec![1, 2, 3, 4]);
+    let event_files = |run: &Path| {
+        std::fs::read_dir(run)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains("tfevents")
+            })
+            .count()
+    };
+    assert_eq!(event_files(&straight), 0, "--no-tensorboard");
+    assert_eq!(event_files(&split), 2, "one event file per process");
 }
 
 #[test]
@@ -802,4 +817,222 @@ fn killed_at_random_moments_a_run_resumes_to_the_same_weights() {
         .map(|r| r.step)
         .collect();
     assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>());
+}
+
+/// The run's TensorBoard event files as the `tensorboard` package reads them.
+fn read_tensorboard(run: &Path) -> serde_json::Value {
+    let out = common::python_tool("read_tensorboard.py", [run]);
+    assert!(
+        out.status.success(),
+        "tools/read_tensorboard.py failed (is tensorboard installed? run tools/test.sh):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every summary value of a file, in reading order: (step, "scalars" or "images", tag, value).
+fn summary_values(file: &serde_json::Value) -> Vec<(u64, &str, String, serde_json::Value)> {
+    let mut values = Vec::new();
+    for event in file["events"].as_array().unwrap() {
+        let step = event["step"].as_u64().unwrap();
+        for kind in ["scalars", "images"] {
+            for (tag, v) in event
+                .get(kind)
+                .and_then(|v| v.as_object())
+                .into_iter()
+                .flatten()
+            {
+                values.push((step, kind, tag.clone(), v.clone()));
+            }
+        }
+    }
+    values
+}
+
+fn checkpoint_steps(run: &Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    steps.sort();
+    steps
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(unix)]
+#[test]
+fn tensorboard_shows_every_metric_and_picture_once_across_a_kill_and_resume() {
+    use std::collections::{BTreeMap, BTreeSet, HashSet};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let schedule = [
+        "--sample-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "3",
+        "--eval-count",
+        "300",
+    ];
+    // A run killed without warning (no checkpoint on the way out) ...
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("sagan-train"))
+        .args(QUICK)
+        .args(schedule)
+        .args(["--steps", "1000", "--out"])
+        .arg(&run)
+        .env("RUST_LOG", "warn")
+        .env("ORT_DYLIB_PATH", common::ort_lib())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !run.join("checkpoints/step-00000004").exists() {
+        assert!(Instant::now() < deadline, "training did not reach step 4");
+        assert!(child.try_wait().unwrap().is_none(), "training stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Only a sample step can have drawn the curves: the run never got to its end.
+    image::open(run.join("curves.png")).unwrap();
+    // ... with its newest checkpoint gone, so it surely logged steps past the one it resumes from.
+    let newest = *checkpoint_steps(&run).last().unwrap();
+    std::fs::remove_dir_all(run.join(format!("checkpoints/step-{newest:08}"))).unwrap();
+    let resumed_from = *checkpoint_steps(&run).last().unwrap();
+    let before = read_tensorboard(&run);
+    let logged = summary_values(&before["files"][0])
+        .iter()
+        .map(|v| v.0)
+        .max()
+        .unwrap();
+    assert!(logged > resumed_from, "{logged} {resumed_from}");
+    let end = logged + 3;
+    train()
+        .env("ORT_DYLIB_PATH", common::ort_lib())
+        .args(["--threads", "2", "--log-every", "1"])
+        .args(schedule)
+        .args(["--steps", &end.to_string(), "--resume"])
+        .arg(&run)
+        .assert()
+        .success();
+
+    let tb = read_tensorboard(&run);
+    let files = tb["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2, "one event file per process");
+    assert_eq!(files[0]["name"], before["files"][0]["name"]);
+    for (file, from) in files.iter().zip([0, resumed_from]) {
+        let events = &file["events"];
+        assert_eq!(events[0]["file_version"], "brain.Event:2");
+        assert_eq!(events[1]["status"], "START");
+        assert_eq!(events[1]["step"], from + 1);
+    }
+    assert!(summary_values(&files[0])
+        .iter()
+        .all(|v| v.0 <= resumed_from));
+    // In reading order steps never go back, and no tag comes twice at one step.
+    let values: Vec<_> = files.iter().flat_map(summary_values).collect();
+    assert!(values.windows(2).all(|w| w[0].0 <= w[1].0));
+    let distinct: HashSet<(u64, &String)> = values.iter().map(|v| (v.0, &v.2)).collect();
+    assert_eq!(distinct.len(), values.len(), "a tag twice at one step");
+
+    // The scalars are metrics.jsonl's: every metric at every logged step, nothing else.
+    let metrics: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut expected = BTreeMap::new();
+    for r in &metrics {
+        let step = r["step"].as_u64().unwrap();
+        let mut put = |tag: String, v: &serde_json::Value| {
+            expected.insert((step, tag), v.as_f64().unwrap() as f32)
+        };
+        for (tag, key) in [
+            ("loss/d_loss", "d_loss"),
+            ("loss/g_loss", "g_loss"),
+            ("D/D(x)", "d_real"),
+            ("D/D(G(z))", "d_fake"),
+            ("speed/images_per_sec", "images_per_sec"),
+            ("eval/FID", "fid"),
+        ] {
+            if let Some(v) = r.get(key) {
+                put(tag.to_string(), v);
+            }
+        }
+        for (layer, gamma) in r["gammas"].as_object().unwrap() {
+            put(format!("gamma/{layer}"), gamma);
+        }
+    }
+    let scalars: BTreeMap<(u64, String), f32> = values
+        .iter()
+        .filter(|v| v.1 == "scalars")
+        .map(|(step, _, tag, v)| ((*step, tag.clone()), v.as_f64().unwrap() as f32))
+        .collect();
+    assert_eq!(scalars, expected);
+    let steps_of = |tag: &str| -> Vec<u64> {
+        let steps = expected.keys().filter(|(_, t)| t == tag).map(|(s, _)| *s);
+        steps.collect()
+    };
+    assert_eq!(steps_of("loss/d_loss"), (1..=end).collect::<Vec<_>>());
+    let fid_steps: Vec<u64> = (1..=end).filter(|s| s % 3 == 0 || *s == end).collect();
+    assert_eq!(steps_of("eval/FID"), fid_steps);
+    for layer in ["g.layers.2", "d.layers.1"] {
+        assert_eq!(steps_of(&format!("gamma/{layer}")).len() as u64, end);
+    }
+
+    // The pictures are the sample files, byte for byte, at every sample step.
+    let sample_steps: BTreeSet<u64> = (1..=end).filter(|s| s % 2 == 0 || *s == end).collect();
+    let mut pictures = BTreeSet::new();
+    for (step, _, tag, v) in values.iter().filter(|v| v.1 == "images") {
+        let file = match tag.strip_prefix("attention/") {
+            Some(layer) => format!("samples/attention-{layer}-step-{step:08}.png"),
+            None => format!("samples/step-{step:08}.png"),
+        };
+        let bytes = std::fs::read(run.join(&file)).unwrap();
+        let png = image::load_from_memory(&bytes).unwrap();
+        assert_eq!(v["png"].as_str(), Some(hex(&bytes).as_str()), "{file}");
+        assert_eq!(
+            (v["width"].as_u64(), v["height"].as_u64()),
+            (Some(png.width().into()), Some(png.height().into()))
+        );
+        assert_eq!(v["colorspace"], 3);
+        pictures.insert((*step, tag.as_str()));
+    }
+    let all: BTreeSet<(u64, &str)> = sample_steps
+        .iter()
+        .flat_map(|s| [(*s, "samples"), (*s, "attention/g2")])
+        .collect();
+    assert_eq!(pictures, all);
+
+    // TensorBoard files each tag under the right plugin and sees the same steps.
+    let plugins = tb["plugins"].as_object().unwrap();
+    let accumulated = &tb["accumulator"];
+    for (_, tag) in expected.keys() {
+        assert_eq!(plugins[tag], "scalars", "{tag}");
+        assert_eq!(
+            accumulated["scalars"][tag],
+            serde_json::json!(steps_of(tag))
+        );
+    }
+    for tag in ["samples", "attention/g2"] {
+        assert_eq!(plugins[tag], "images", "{tag}");
+        assert_eq!(accumulated["images"][tag], serde_json::json!(sample_steps));
+    }
+    let tags: BTreeSet<&str> = expected.keys().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(plugins.len(), tags.len() + 2, "{plugins:?}");
 }

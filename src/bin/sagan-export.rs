@@ -28,7 +28,7 @@ use std::path::PathBuf;
 ///       # a Triton Inference Server model repository: models/<preset>/config.pbtxt and
 ///       # models/<preset>/1/model.onnx (the next export of it goes to models/<preset>/2/)
 #[derive(Parser, Debug)]
-#[command(version, verbatim_doc_comment)]
+#[command(name = "sagan-export", version, verbatim_doc_comment)]
 struct Args {
     /// Where to write the ONNX model.
     #[arg(default_value = "model.onnx")]

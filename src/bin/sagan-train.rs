@@ -16,7 +16,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// With no arguments, trains the `sagan-mnist28` preset on the MNIST digits built into the
 /// binary and writes a run directory under runs/: checkpoints (safetensors), a fixed-z sample
-/// grid and attention maps every --sample-every steps, metrics.jsonl and curves.png.
+/// grid and attention maps every --sample-every steps, metrics.jsonl, curves.png (redrawn with
+/// every sample grid) and TensorBoard event files (`tensorboard --logdir runs` shows them).
 ///
 /// Examples:
 ///   sagan-train                                   # built-in default, about 5 minutes on 2 cores
@@ -27,7 +28,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// One trainer at a time holds a run directory. Checkpoints are written whole or not at all,
 /// hold finite values only, and a resumed run continues bit for bit as if never stopped.
 #[derive(Parser, Debug)]
-#[command(version, verbatim_doc_comment, allow_negative_numbers = true)]
+#[command(
+    name = "sagan-train",
+    version,
+    verbatim_doc_comment,
+    allow_negative_numbers = true
+)]
 struct Args {
     /// Model preset: a built-in name or a .toml file (see models/).
     #[arg(long, value_parser = preset_value)]
@@ -108,6 +114,12 @@ struct Args {
     /// Keep the newest N checkpoints [default: 3, or the resumed run's].
     #[arg(long)]
     keep_last: Option<usize>,
+
+    /// Write no TensorBoard event files (events.out.tfevents.*, by default beside
+    /// metrics.jsonl with the metrics, sample grids and attention maps). Applies to this
+    /// invocation only.
+    #[arg(long)]
+    no_tensorboard: bool,
 
     /// Worker threads (default: all cores).
     #[arg(long)]
@@ -196,6 +208,7 @@ impl Args {
                 ort_lib: self.ort_lib,
             },
             progress_bar,
+            no_tensorboard: self.no_tensorboard,
         }
     }
 }

@@ -11,12 +11,13 @@ mod manifest;
 pub mod memory;
 pub mod metrics;
 pub mod session;
+pub mod tensorboard;
 
 use crate::checkpoint::{self, Kind, Metadata, RunDir};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::Dataset;
 use crate::image_io::{
-    attention_overlay, default_queries, save_grid, save_png, ImageBatch, MapGrid,
+    attention_overlay, default_queries, encode_png, grid_image, ImageBatch, MapGrid,
 };
 use crate::model::{self, Discriminator, Generator, LayerStack};
 use crate::rng::{self, streams};
@@ -30,9 +31,10 @@ use metrics::{MetricsLog, Record};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+use tensorboard::{EventWriter, Png};
 
 /// How often things are written; none of it changes what is computed. Stored in the run's
 /// run.json: a resumed run keeps it unless flags change it.
@@ -45,6 +47,9 @@ pub struct Schedule {
     /// Draw a progress bar (else log plain lines).
     #[serde(skip)]
     pub progress_bar: bool,
+    /// Write TensorBoard event files beside metrics.jsonl (chosen by each invocation).
+    #[serde(skip)]
+    pub tensorboard: bool,
 }
 
 impl Default for Schedule {
@@ -55,6 +60,7 @@ impl Default for Schedule {
             log_every: 10,
             keep_last: 3,
             progress_bar: false,
+            tensorboard: true,
         }
     }
 }
@@ -468,8 +474,8 @@ impl Trainer {
     }
 
     /// Writes the fixed-z sample grid (a conditional model: one class per row) and attention
-    /// maps of the current step.
-    pub fn save_samples(&self) -> Result<PathBuf> {
+    /// maps of the current step; returns the grid's path and every picture as written.
+    fn save_samples(&self) -> Result<(PathBuf, Vec<Png>)> {
         let n = self.fixed_z.dim(0)?;
         let (c, h, w) = (
             self.model_cfg.channels,
@@ -506,7 +512,11 @@ impl Trainer {
             Some(_) => SAMPLES_PER_CLASS,
             None => (n as f64).sqrt().ceil() as usize,
         };
-        save_grid(&grid, batch, columns)?;
+        let mut pictures = vec![write_png(
+            &grid,
+            "samples".into(),
+            &grid_image(batch, columns),
+        )?];
         let shown = ATTENTION_IMAGES.min(n);
         let first = ImageBatch::new(&pixels[..shown * c * h * w], shown, c, h, w)?;
         let layers = attention_layer_indices(self.sampling_generator().stack());
@@ -520,9 +530,13 @@ impl Trainer {
                 .run
                 .samples()
                 .join(format!("attention-g{layer}-step-{:08}.png", self.step));
-            save_png(&path, &picture)?;
+            pictures.push(write_png(&path, format!("attention/g{layer}"), &picture)?);
         }
-        Ok(grid)
+        Ok((grid, pictures))
+    }
+
+    fn draw_curves(&self) -> Result<()> {
+        metrics::save_curves(&metrics::read(&self.run.metrics())?, &self.run.curves())
     }
 
     /// The divergence error at the current step: what was not finite, and the checkpoint
@@ -611,6 +625,16 @@ impl Trainer {
     pub fn run(&mut self, schedule: &Schedule, stop: &AtomicBool) -> Result<Outcome> {
         self.run.create()?;
         let metrics = MetricsLog::open(&self.run.metrics(), self.step)?;
+        // Also with --no-tensorboard: events past the checkpoint would stay beside those a later
+        // resume writes for the same steps.
+        tensorboard::prune(self.run.root(), self.step)?;
+        let mut events = schedule
+            .tensorboard
+            .then(|| EventWriter::create(self.run.root(), self.step))
+            .transpose()?;
+        if let Some(events) = &events {
+            tracing::info!("TensorBoard events: {}", events.path().display());
+        }
         let bar = progress_bar(self.cfg.steps, self.step, schedule.progress_bar);
         let started = Instant::now();
         let mut window = (Instant::now(), 0usize, StepStats::default());
@@ -660,6 +684,9 @@ impl Trainer {
                     fid,
                 };
                 metrics.append(&record)?;
+                if let Some(events) = &mut events {
+                    events.scalars(record.step, &tensorboard::scalars(&record))?;
+                }
                 let line = format!(
                     "step {}/{} d_loss {:.3} g_loss {:.3} D(x) {:.2} D(G(z)) {:.2} {:.1} img/s",
                     record.step,
@@ -680,7 +707,11 @@ impl Trainer {
                 window = (Instant::now(), 0, StepStats::default());
             }
             if every(schedule.sample_every, self.step) || last {
-                let path = self.save_samples()?;
+                let (path, pictures) = self.save_samples()?;
+                if let Some(events) = &mut events {
+                    events.images(self.step, &pictures)?;
+                }
+                self.draw_curves()?;
                 bar.suspend(|| tracing::info!("samples: {}", path.display()));
             }
             if let Some(fid) = fid {
@@ -701,12 +732,26 @@ impl Trainer {
             let path = self.save_checkpoint(schedule.keep_last)?;
             tracing::info!("checkpoint: {}", path.display());
         }
-        metrics::save_curves(&metrics::read(&self.run.metrics())?, &self.run.curves())?;
+        if interrupted {
+            self.draw_curves()?;
+        }
         Ok(match interrupted {
             true => Outcome::Interrupted { step: self.step },
             false => Outcome::Finished { step: self.step },
         })
     }
+}
+
+/// Writes `image` as a PNG file (atomically) and returns it as an image summary named `tag`.
+fn write_png(path: &Path, tag: String, image: &image::RgbImage) -> Result<Png> {
+    let bytes = encode_png(path, image)?;
+    crate::fsutil::write_atomic(path, &bytes)?;
+    Ok(Png {
+        tag,
+        width: image.width(),
+        height: image.height(),
+        bytes,
+    })
 }
 
 fn attention_layer_indices(stack: &LayerStack) -> Vec<usize> {

@@ -30,6 +30,8 @@ pub struct Request {
     pub threads: Option<usize>,
     pub fid: FidRequest,
     pub progress_bar: bool,
+    /// Write no TensorBoard event files in this invocation.
+    pub no_tensorboard: bool,
 }
 
 /// Output schedule flags: a fresh run takes the defaults for those not given, a resumed run its
@@ -43,13 +45,14 @@ pub struct ScheduleRequest {
 }
 
 impl ScheduleRequest {
-    fn over(&self, base: &Schedule, progress_bar: bool) -> Result<Schedule> {
+    fn over(&self, base: &Schedule, progress_bar: bool, tensorboard: bool) -> Result<Schedule> {
         let schedule = Schedule {
             sample_every: self.sample_every.unwrap_or(base.sample_every),
             checkpoint_every: self.checkpoint_every.unwrap_or(base.checkpoint_every),
             log_every: self.log_every.unwrap_or(base.log_every),
             keep_last: self.keep_last.unwrap_or(base.keep_last),
             progress_bar,
+            tensorboard,
         };
         for (flag, value) in [
             ("--log-every", schedule.log_every),
@@ -180,9 +183,11 @@ fn plan(request: &Request) -> Result<(Plan, checkpoint::RunLock)> {
         let model = ModelConfig::resolve(request.preset.as_deref().unwrap_or(DEFAULT_PRESET))?;
         let cfg = request.fresh_config(&model);
         cfg.validate()?;
-        let schedule = request
-            .schedule
-            .over(&Schedule::default(), request.progress_bar)?;
+        let schedule = request.schedule.over(
+            &Schedule::default(),
+            request.progress_bar,
+            !request.no_tensorboard,
+        )?;
         let dir = request
             .out
             .clone()
@@ -262,9 +267,11 @@ fn plan(request: &Request) -> Result<(Plan, checkpoint::RunLock)> {
             dir.display()
         )));
     }
-    let schedule = request
-        .schedule
-        .over(&manifest.schedule, request.progress_bar)?;
+    let schedule = request.schedule.over(
+        &manifest.schedule,
+        request.progress_bar,
+        !request.no_tensorboard,
+    )?;
     let plan = Plan {
         model: meta.model,
         cfg,

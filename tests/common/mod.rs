@@ -22,6 +22,20 @@ pub fn ort_lib() -> PathBuf {
     path
 }
 
+/// Runs a Python script of tools/ with the Python that tools/test.sh set up ($SAGAN_PYTHON).
+pub fn python_tool<I, S>(script: &str, args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let python = std::env::var("SAGAN_PYTHON").unwrap_or_else(|_| "python3".into());
+    std::process::Command::new(&python)
+        .arg(manifest_dir().join("tools").join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (run the tests through tools/test.sh)"))
+}
+
 /// A project binary with logs quietened.
 pub fn bin(name: &str) -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin(name).unwrap();
