@@ -31,6 +31,7 @@ fn fresh_checkpoint(dir: &Path, preset: &str, step: usize) -> PathBuf {
         model: cfg,
         train: TrainConfig::default(),
         step,
+        run_id: None,
     };
     checkpoint::save(&path, &checkpoint::varmap_tensors(&varmap), &meta).unwrap();
     path
