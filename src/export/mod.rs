@@ -622,10 +622,10 @@ pub fn export_checkpoint(
     let loaded = load_generator(checkpoint, &device)?;
     let cfg = &loaded.meta.model;
     if opts.attention_maps && !cfg.has_attention() {
-        return Err(Error::Config(format!(
-            "--attention-maps: preset {} has no attention layer, so there are no maps to add",
+        tracing::warn!(
+            "--attention-maps: preset {} has no attention layer, so the model gets no map outputs",
             cfg.name
-        )));
+        );
     }
     let metadata = vec![
         ("sagan.preset".to_string(), cfg.name.clone()),
