@@ -24,6 +24,8 @@ pub mod infer;
 #[cfg(feature = "train")]
 pub mod model;
 #[cfg(feature = "train")]
+pub mod ops;
+#[cfg(feature = "train")]
 pub mod train;
 
 pub use error::{Error, Result};

@@ -1,8 +1,8 @@
 //! The SAGAN self-attention block.
 
-use super::attention_core::{self, attention_core};
 use super::spectral_norm::{ConvKind, SNConv2d};
 use crate::config::{AttentionConfig, WeightInit};
+use crate::ops::attention::{self as attention_core, attention_core};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -89,7 +89,7 @@ impl SelfAttention {
         let k = keys(&self.key)?; // [B, C/8, M]
         let v = keys(&self.value)?; // [B, Cv, M]
         let energy = q.transpose(1, 2)?.matmul(&k)?; // [B, N, M]
-        let attention = super::softmax::softmax_last_dim(&energy)?;
+        let attention = crate::ops::softmax::softmax_last_dim(&energy)?;
         let o = v
             .matmul(&attention.transpose(1, 2)?)?
             .reshape((b, (), h, w))?; // [B, Cv, H, W]
@@ -159,7 +159,7 @@ impl ModuleT for SelfAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{input, max_abs};
+    use crate::ops::testing::{input, max_abs};
     use crate::rng::{seeded_var_builder, stream};
     use candle_core::{Device, Var, D};
     use candle_nn::VarMap;

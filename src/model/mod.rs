@@ -2,25 +2,11 @@
 //! discriminator built from a preset's layer list.
 
 pub mod attention;
-mod attention_core;
-pub mod channel_ops;
 pub mod conditional;
-pub mod conv_ops;
-pub(crate) mod cpu_storage;
 pub mod discriminator;
 pub mod generator;
-mod handoff;
-mod matmul;
 pub mod resnet;
-mod scratch;
-pub(crate) mod simd;
-pub mod softmax;
 pub mod spectral_norm;
-mod spectral_norm_ops;
-mod vector_math;
-
-#[cfg(test)]
-pub(crate) mod testing;
 
 pub use attention::SelfAttention;
 pub use conditional::{ClassBatchNorm, ProjectionHead};
@@ -32,6 +18,7 @@ pub use spectral_norm::{ConvKind, SNConv2d, SNLinear, SpectralNorm};
 use std::cell::Cell;
 
 use crate::config::{Activation, ConvConfig, FeatureShape, LayerConfig, NetConfig, WeightInit};
+use crate::ops::{channel, handoff};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, VarBuilder};
 
@@ -287,7 +274,7 @@ impl LayerStack {
             Layer::GeneratorBlock(block) => block.forward(x, classes, train)?,
             Layer::DiscriminatorBlock(block) => block.forward(x, train)?,
             Layer::Norm { norm, act } => {
-                channel_ops::bias_act(&norm.forward(x, None, train)?, None, *act, self.leaky_slope)?
+                channel::bias_act(&norm.forward(x, None, train)?, None, *act, self.leaky_slope)?
             }
             Layer::ProjectionHead(head) => head.forward(x, classes, train)?,
         })

@@ -5,8 +5,8 @@
 //! and v are variables of the VarMap (saved in checkpoints, never given gradients): one power
 //! iteration per training forward refines them; evaluation uses them as stored.
 
-use super::spectral_norm_ops;
 use crate::config::{Activation, WeightInit};
+use crate::ops::spectral_norm as spectral_norm_ops;
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, Init, VarBuilder};
 
@@ -228,7 +228,7 @@ impl SNConv2d {
         if self.kind == ConvKind::Conv {
             let w = self.sn.weight(train)?;
             let (stride, padding) = (self.stride, self.padding);
-            return super::conv_ops::conv2d_bias_act(
+            return crate::ops::conv::conv2d_bias_act(
                 x,
                 &w,
                 &bias,
@@ -239,7 +239,7 @@ impl SNConv2d {
             );
         }
         let y = self.forward_unbiased(x, train)?;
-        super::channel_ops::bias_act(&y, Some(&bias), act, leaky_slope)
+        crate::ops::channel::bias_act(&y, Some(&bias), act, leaky_slope)
     }
 
     /// `act(batch_norm(conv(x) + bias))`; a transposed convolution's training-mode norm runs
@@ -254,7 +254,7 @@ impl SNConv2d {
     ) -> Result<Tensor> {
         if self.kind == ConvKind::Conv {
             let z = self.forward_unbiased(x, train)?;
-            return super::channel_ops::batch_norm_act(
+            return crate::ops::channel::batch_norm_act(
                 &z,
                 Some(&self.bias),
                 bn,
@@ -265,7 +265,7 @@ impl SNConv2d {
         }
         let w = self.sn.weight(train)?;
         let (stride, padding) = (self.stride, self.padding);
-        super::conv_ops::conv_transpose2d_bn_act(
+        crate::ops::conv::conv_transpose2d_bn_act(
             x,
             &w,
             stride,
@@ -284,9 +284,9 @@ impl SNConv2d {
         // im2col/col2im + GEMM kernels with their own backward: candle's CPU transposed conv
         // (also its conv2d input gradient) is a direct loop several times slower.
         match self.kind {
-            ConvKind::Conv => super::conv_ops::conv2d(x, &w, self.stride, self.padding),
+            ConvKind::Conv => crate::ops::conv::conv2d(x, &w, self.stride, self.padding),
             ConvKind::Transpose => {
-                super::conv_ops::conv_transpose2d(x, &w, self.stride, self.padding)
+                crate::ops::conv::conv_transpose2d(x, &w, self.stride, self.padding)
             }
         }
     }
@@ -337,7 +337,7 @@ impl ModuleT for SNLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing;
+    use crate::ops::testing;
     use crate::rng::{seeded_var_builder, stream};
     use candle_core::Device;
     use candle_nn::VarMap;

@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::{BTreeMap, HashMap};
 
-use super::inplace;
+use crate::ops::optimizer as inplace;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {

@@ -1,9 +1,9 @@
 //! Exponential moving average of the generator's weights.
 
-use super::inplace;
 use crate::checkpoint::varmap_tensors;
 use crate::config::ModelConfig;
 use crate::model::Generator;
+use crate::ops::optimizer as inplace;
 use candle_core::{DType, Device, Result, Var};
 use candle_nn::{VarBuilder, VarMap};
 use std::collections::HashSet;

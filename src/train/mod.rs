@@ -5,7 +5,6 @@ pub mod adam;
 pub mod cpu;
 pub mod ema;
 pub mod fid;
-mod inplace;
 pub mod loss;
 pub mod metrics;
 

@@ -17,10 +17,10 @@ use candle_core::{Result, Tensor, Var};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
-use super::cpu_storage::f32_slice;
+use super::cpu::simd::vectorized;
+use super::cpu::storage::f32_slice;
+use super::cpu::vector_math::{lane_sum, lane_sum3};
 use super::handoff;
-use super::simd::vectorized;
-use super::vector_math::{lane_sum, lane_sum3};
 use crate::config::Activation;
 
 /// Elements per rayon task, so that tiny planes (4x4 feature maps) are not one task each.
@@ -396,7 +396,10 @@ pub(super) fn scale_shift(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     Ok(match bn.weight_and_bias() {
-        Some((gamma, beta)) => (super::param(gamma, train), super::param(beta, train)),
+        Some((gamma, beta)) => (
+            crate::model::param(gamma, train),
+            crate::model::param(beta, train),
+        ),
         None => {
             let c = bn.running_mean().elem_count();
             let ones = Tensor::ones(c, DType::F32, device)?;
@@ -675,7 +678,7 @@ impl CustomOp3 for BatchNormActGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{self, input};
+    use crate::ops::testing::{self, input};
     use candle_core::backprop::GradStore;
     use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
 

@@ -15,9 +15,9 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_storage::f32_slice;
+use super::cpu::matmul::{matmul_on, MatRef};
+use super::cpu::storage::f32_slice;
 use super::handoff;
-use super::matmul::{matmul_on, MatRef};
 use super::softmax::{softmax_grad_in_place, softmax_in_place};
 
 /// Most bytes of per-item buffers (qkv, pooled keys and values, map) a forward keeps for its
@@ -726,7 +726,7 @@ impl CustomOp3 for AttentionCoreGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{self, input};
+    use crate::ops::testing::{self, input};
     use candle_core::{Var, D};
 
     /// The same computation composed from candle's ops.

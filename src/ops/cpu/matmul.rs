@@ -4,7 +4,7 @@ use super::scratch::ScratchBuf;
 
 /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-pub(super) struct MatRef<'a> {
+pub(in crate::ops) struct MatRef<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -92,7 +92,7 @@ impl<'a> MatRef<'a> {
 
 /// `dst [a.rows, b.cols] (row-major) = a x b`, or `+= a x b` when `accumulate`. Uses all rayon
 /// threads: for callers that hand it one large product (a chunk of the batch side by side).
-pub(super) fn matmul(
+pub(in crate::ops) fn matmul(
     dst: &mut [f32],
     a: MatRef,
     b: MatRef,
@@ -108,7 +108,7 @@ pub(super) fn matmul(
 }
 
 /// `matmul` on the calling thread only: for callers already running one product per rayon task.
-pub(super) fn matmul_serial(
+pub(in crate::ops) fn matmul_serial(
     dst: &mut [f32],
     a: MatRef,
     b: MatRef,
@@ -118,7 +118,7 @@ pub(super) fn matmul_serial(
 }
 
 /// `matmul` on all threads, or `matmul_serial`.
-pub(super) fn matmul_on(
+pub(in crate::ops) fn matmul_on(
     dst: &mut [f32],
     a: MatRef,
     b: MatRef,

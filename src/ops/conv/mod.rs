@@ -42,13 +42,13 @@ use crate::config::Activation;
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
-use super::channel_ops::{self, BatchNormAct, Epilogue};
-use super::cpu_storage::{f32_slice, with_f32_data};
+use super::channel::{self as channel_ops, BatchNormAct, Epilogue};
+use super::cpu::matmul::{matmul, matmul_on, MatRef};
+use super::cpu::scratch::ScratchBuf;
+use super::cpu::simd::vectorized;
+use super::cpu::storage::{f32_slice, with_f32_data};
+use super::cpu::vector_math::lane_sum;
 use super::handoff;
-use super::matmul::{matmul, matmul_on, MatRef};
-use super::scratch::ScratchBuf;
-use super::simd::vectorized;
-use super::vector_math::lane_sum;
 
 mod winograd;
 
@@ -1614,7 +1614,7 @@ fn col2im_scatter(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing;
+    use crate::ops::testing;
     use candle_core::Var;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
@@ -1715,7 +1715,7 @@ mod tests {
 
     /// Asserts `got` matches `want` to 1e-4 of `want`'s magnitude.
     fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
-        crate::model::testing::assert_close(got, want, 1e-4, what);
+        crate::ops::testing::assert_close(got, want, 1e-4, what);
     }
 
     fn conv_inputs(c: &Case, seed: u64) -> (Tensor, Tensor) {
@@ -1809,7 +1809,7 @@ mod tests {
 
     #[test]
     fn fused_bias_and_activation_match_the_separate_ops() {
-        use crate::model::testing::assert_grads_close;
+        use crate::ops::testing::assert_grads_close;
         let acts = [
             (Activation::LeakyRelu, 0.1),
             (Activation::Relu, 0.0),
@@ -1846,7 +1846,7 @@ mod tests {
 
     #[test]
     fn fused_backward_computes_only_tracked_gradients_on_any_thread_count() {
-        use crate::model::testing::assert_grads_close;
+        use crate::ops::testing::assert_grads_close;
         // x or w left untracked (a network's input, a frozen weight): the other gradients are
         // the all-tracked reference's, and the untracked operand gets none.
         // The op's operand: the variable's tensor where tracked, else a plain copy of its value.

@@ -26,10 +26,10 @@
 use rayon::prelude::*;
 
 use super::ConvGeom;
-use crate::model::channel_ops::Epilogue;
-use crate::model::matmul::{matmul_serial, MatRef};
-use crate::model::scratch::ScratchBuf;
-use crate::model::simd::vectorized;
+use crate::ops::channel::Epilogue;
+use crate::ops::cpu::matmul::{matmul_serial, MatRef};
+use crate::ops::cpu::scratch::ScratchBuf;
+use crate::ops::cpu::simd::vectorized;
 
 /// Output tile side.
 const TILE: usize = 4;

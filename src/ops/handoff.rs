@@ -31,7 +31,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, TensorId,
 };
 
-use super::cpu_storage::f32_slice;
+use super::cpu::storage::f32_slice;
 
 /// Where a tracked op output's gradient is left for its op's backward.
 #[derive(Default)]
@@ -75,7 +75,7 @@ thread_local! {
 
 /// Runs `f` with hand-off on (`on`) or off for the ops it applies on this thread, restoring
 /// the previous state after; links made while on are dropped then.
-pub(super) fn run<R>(on: bool, f: impl FnOnce() -> R) -> R {
+pub(crate) fn run<R>(on: bool, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<HashMap<TensorId, Link>>);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -199,7 +199,7 @@ pub(super) fn apply_op3<C: CustomOp3 + Send + Sync + 'static>(
 
 /// `x` as a tensor for candle's own ops: where the running hand-off made `x`, a copy whose
 /// gradient goes to `x`'s slot; otherwise `x` itself.
-pub(super) fn bridge(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn bridge(x: &Tensor) -> Result<Tensor> {
     match link_of(x) {
         Some(link) => link
             .token
@@ -359,10 +359,10 @@ impl CustomOp2 for Bridge {
 mod tests {
     use super::*;
     use crate::config::Activation;
-    use crate::model::attention_core::attention_core;
-    use crate::model::conv_ops::{conv2d_bias_act, conv_transpose2d};
-    use crate::model::spectral_norm_ops::normalized;
-    use crate::model::testing::{assert_close, input};
+    use crate::ops::attention::attention_core;
+    use crate::ops::conv::{conv2d_bias_act, conv_transpose2d};
+    use crate::ops::spectral_norm::normalized;
+    use crate::ops::testing::{assert_close, input};
     use candle_core::backprop::GradStore;
     use candle_core::{Device, Var};
 

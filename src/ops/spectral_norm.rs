@@ -10,10 +10,10 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_storage::{f32_slice, with_f32_data};
+use super::cpu::simd::vectorized;
+use super::cpu::storage::{f32_slice, with_f32_data};
+use super::cpu::vector_math::lane_dot;
 use super::handoff;
-use super::simd::vectorized;
-use super::vector_math::lane_dot;
 
 /// Weight elements per rayon task.
 const TASK_ELEMS: usize = 1 << 15;
