@@ -25,7 +25,7 @@
 
 use rayon::prelude::*;
 
-use super::ConvGeom;
+use super::geometry::ConvGeom;
 use crate::ops::channel::Epilogue;
 use crate::ops::cpu::matmul::{matmul_serial, MatRef};
 use crate::ops::cpu::scratch::ScratchBuf;
