@@ -23,7 +23,6 @@ pub mod export;
 pub mod infer;
 #[cfg(feature = "train")]
 pub mod model;
-#[cfg(feature = "train")]
 pub mod ops;
 #[cfg(feature = "train")]
 pub mod train;

@@ -48,7 +48,7 @@ impl ClassBatchNorm {
         self.forward_act(x, classes, Activation::None, 0.0, train)
     }
 
-    /// `act(norm(x))`, through the fused batch-norm kernels (`channel_ops`).
+    /// `act(norm(x))`, through the fused batch-norm kernels (`ops::channel`).
     pub fn forward_act(
         &self,
         x: &Tensor,

@@ -20,8 +20,9 @@ use rayon::prelude::*;
 use super::cpu::simd::vectorized;
 use super::cpu::storage::f32_slice;
 use super::cpu::vector_math::{lane_sum, lane_sum3};
+use super::grad_mode::param;
 use super::handoff;
-use crate::config::Activation;
+use super::Activation;
 
 /// Elements per rayon task, so that tiny planes (4x4 feature maps) are not one task each.
 const MIN_TASK_ELEMS: usize = 1 << 14;
@@ -396,10 +397,7 @@ pub(super) fn scale_shift(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     Ok(match bn.weight_and_bias() {
-        Some((gamma, beta)) => (
-            crate::model::param(gamma, train),
-            crate::model::param(beta, train),
-        ),
+        Some((gamma, beta)) => (param(gamma, train), param(beta, train)),
         None => {
             let c = bn.running_mean().elem_count();
             let ones = Tensor::ones(c, DType::F32, device)?;
@@ -409,7 +407,7 @@ pub(super) fn scale_shift(
 }
 
 /// Training-mode batch norm + activation: the op of `batch_norm_act`, and the last stage of
-/// `conv_ops::conv_transpose2d_bn_act`'s op.
+/// `conv::conv_transpose2d_bn_act`'s op.
 #[derive(Clone, Debug)]
 pub(super) struct BatchNormAct {
     act: Act,

@@ -358,11 +358,11 @@ impl CustomOp2 for Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Activation;
     use crate::ops::attention::attention_core;
     use crate::ops::conv::{conv2d_bias_act, conv_transpose2d};
     use crate::ops::spectral_norm::normalized;
     use crate::ops::testing::{assert_close, input};
+    use crate::ops::Activation;
     use candle_core::backprop::GradStore;
     use candle_core::{Device, Var};
 

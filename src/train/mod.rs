@@ -413,7 +413,7 @@ impl Trainer {
     fn generator_step(&mut self) -> Result<f32> {
         let (z, classes) = self.latents(2 * self.step as u64 + 1)?;
         // D in evaluation mode: its spectral-norm vectors stay put and its parameters are
-        // constants (model::param), so the G step changes nothing of D and its backward
+        // constants (ops::grad_mode::param), so the G step changes nothing of D and its backward
         // computes no D weight gradients.
         let fake = self.generator.forward(&z, classes.as_ref(), true)?;
         let logits = self.discriminator.forward(&fake, classes.as_ref(), false)?;

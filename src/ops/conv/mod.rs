@@ -41,12 +41,12 @@ use std::sync::{Mutex, PoisonError};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
-use crate::config::Activation;
 use candle_nn::BatchNorm;
 
-use super::channel::{self as channel_ops, BatchNormAct, Epilogue};
+use super::channel::{self, BatchNormAct, Epilogue};
 use super::cpu::storage::{f32_slice, with_f32_data};
 use super::handoff;
+use super::Activation;
 
 mod gemm;
 mod geometry;
@@ -80,7 +80,7 @@ pub fn conv2d(
 
 /// `act(conv2d(x, w) + bias)` as one op: the bias and activation are applied to each output
 /// chunk in place, and the convolution's own output never becomes a tensor with a gradient
-/// buffer of its own. The same result as `channel_ops::bias_act(&conv2d(..), ..)`, which is
+/// buffer of its own. The same result as `channel::bias_act(&conv2d(..), ..)`, which is
 /// what anything but f32 on the CPU (or a negative leaky slope) gets.
 pub fn conv2d_bias_act(
     x: &Tensor,
@@ -94,7 +94,7 @@ pub fn conv2d_bias_act(
     let epilogue = Epilogue::new(act, leaky_slope);
     let (Some(epilogue), true, DType::F32) = (epilogue, use_fast_path(x, w), bias.dtype()) else {
         let y = conv2d(x, w, stride, padding)?;
-        return channel_ops::bias_act(&y, Some(bias), act, leaky_slope);
+        return channel::bias_act(&y, Some(bias), act, leaky_slope);
     };
     let x = x.contiguous()?;
     let w = w.contiguous()?;
@@ -133,7 +133,7 @@ pub fn conv_transpose2d(
     handoff::apply_op2(&x, &w, op)
 }
 
-/// `act(batch_norm(conv_transpose2d(x, w) + bias))` (see `channel_ops::batch_norm_act`) with
+/// `act(batch_norm(conv_transpose2d(x, w) + bias))` (see `channel::batch_norm_act`) with
 /// the training-mode norm inside the convolution's op: the convolution's output is kept by the
 /// op for the norm's backward instead of becoming a tensor of the graph, which would get a
 /// zeroed gradient buffer and an add in candle's backward (a G layer's whole activation).
@@ -156,10 +156,10 @@ pub fn conv_transpose2d_bn_act(
     };
     let Some(norm) = norm else {
         let z = conv_transpose2d(x, w, stride, padding)?;
-        return channel_ops::batch_norm_act(&z, Some(bias), bn, act, leaky_slope, train);
+        return channel::batch_norm_act(&z, Some(bias), bn, act, leaky_slope, train);
     };
     // The op has three operands: the norm's scale and shift travel as one.
-    let (gamma, beta) = channel_ops::scale_shift(bn, train, x.device())?;
+    let (gamma, beta) = channel::scale_shift(bn, train, x.device())?;
     let gamma_beta = Tensor::cat(&[&gamma, &beta], 0)?;
     let x = x.contiguous()?;
     let w = w.contiguous()?;

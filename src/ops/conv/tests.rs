@@ -208,7 +208,7 @@ fn fused_bias_and_activation_match_the_separate_ops() {
         let b = Var::from_tensor(&randn(&[c.cout], i as u64 + 50)).unwrap();
         let fused = conv2d_bias_act(&x, &w, &b, c.s, c.p, act, slope).unwrap();
         let y = conv2d(&x, &w, c.s, c.p).unwrap();
-        let separate = channel_ops::bias_act(&y, Some(&b), act, slope).unwrap();
+        let separate = channel::bias_act(&y, Some(&b), act, slope).unwrap();
         let what = format!("{c:?} {act:?}");
         assert_close(&fused, &separate, &what);
         let r = randn(fused.dims(), 98);
@@ -254,7 +254,7 @@ fn fused_backward_computes_only_tracked_gradients_on_any_thread_count() {
                             .unwrap();
                     let y = conv2d(&xv, &wv, c.s, c.p).unwrap();
                     let reference =
-                        channel_ops::bias_act(&y, Some(&bv), Activation::LeakyRelu, slope).unwrap();
+                        channel::bias_act(&y, Some(&bv), Activation::LeakyRelu, slope).unwrap();
                     let r = randn(fused.dims(), 97);
                     let grads =
                         |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -432,7 +432,7 @@ fn transposed_conv_with_batch_norm_matches_the_separate_ops() {
                     .unwrap();
             let z = conv_transpose2d(&xv, &wv, c.s, c.p).unwrap();
             let reference =
-                channel_ops::batch_norm_act(&z, Some(&bias), &ref_bn, act, 0.1, true).unwrap();
+                channel::batch_norm_act(&z, Some(&bias), &ref_bn, act, 0.1, true).unwrap();
             assert_close(&fused, &reference, &format!("{what} forward"));
             let r = randn(fused.dims(), 9);
             let grads = |y: &Tensor| (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
