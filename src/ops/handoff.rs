@@ -4,9 +4,7 @@
 //! candle's backward gives every tensor that a gradient reaches a zeroed buffer of its size and
 //! adds the gradient onto it (`GradStore::or_insert`, then `add`), on one thread: for a layer
 //! stack's activations, and for the spectrally normalised weights (G's first is 6.4 MB on
-//! sagan-mnist28), that is two extra passes over every one of them per step. Handing them off
-//! trained sagan-mnist28 1.7-4.4 % faster and sagan64 5 % (activations; interleaved runs), and
-//! the weights ~1 % more.
+//! sagan-mnist28), that is two extra passes over every one of them per step.
 //!
 //! Inside `run`, each op applied through `apply_op1` / `apply_op2` / `apply_op3` whose output
 //! is tracked also gets a one-element *token*, a node of candle's graph whose operands are the

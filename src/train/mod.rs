@@ -561,7 +561,7 @@ impl Trainer {
             }
             // On a pool worker, the kernels' parallel loops start inside the pool with this
             // thread working too, instead of each being queued from outside for workers to
-            // wake up to (+3-4 % images/s on sagan-mnist28).
+            // wake up to.
             let stats = rayon::scope(|_| self.train_step())?;
             bar.inc(1);
             window.1 += 1;

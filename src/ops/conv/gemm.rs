@@ -56,8 +56,7 @@ pub(super) fn conv_transpose_backward(
 
 /// Target size, in f32s (4 MiB), of one chunk's im2col matrix: small enough to stay in the
 /// last-level cache between the im2col / GEMM / col2im steps that touch it, large enough for an
-/// efficient GEMM. Measured ~25% faster than one im2col matrix for the whole batch on the
-/// sagan64 layers.
+/// efficient GEMM.
 const CHUNK_COLS_BUDGET: usize = 1 << 20;
 
 /// Fewest GEMM columns (batch items x output pixels) worth a chunk of their own.
@@ -228,8 +227,7 @@ pub(super) fn conv_backward_data(
 }
 
 /// `W^T [C*k*k, O]` copied row-major, for the products from the output side to the image side:
-/// gemm runs them ~15-30 % faster than over the transposed view of W, and every chunk reuses
-/// the copy.
+/// gemm runs them faster than over the transposed view of W, and every chunk reuses the copy.
 fn transposed_weight(geom: &ConvGeom, w: &[f32]) -> ScratchBuf {
     let mut w_t = ScratchBuf::take();
     w_t.resize(w.len(), 0.0);

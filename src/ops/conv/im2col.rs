@@ -60,7 +60,7 @@ pub(super) fn im2col(geom: &ConvGeom, img: &[f32], cols: &mut Vec<f32>) {
 /// image rows of the kernel row's parity (`K4_S2_TAPS`) are split once into their even and odd
 /// columns, and each kernel column's row is one of the two halves, shifted as `K4_S2_TAPS`
 /// says (`PlaneShifts`): long contiguous loops over the whole output plane instead of four
-/// per output row of 7 to 32 pixels, whose set-up was their cost (1.4-2.3x, hot).
+/// per output row of 7 to 32 pixels, whose set-up cost more than their copying.
 pub(super) fn im2col_k4_s2_p1(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
     let (out_w, img_w) = (geom.out_w, geom.img_w);
     let (row_len, out_plane, plane) = (geom.col_cols(), geom.out_plane(), geom.img_h * img_w);
@@ -93,8 +93,8 @@ pub(super) fn im2col_k4_s2_p1(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
                         let [d0, d1, d2, d3] =
                             [d0, d1, d2, d3].map(|row| &mut row[b * out_plane..][..out_plane]);
                         // Kernel columns 0-3 as `K4_S2_TAPS` has them, spelt out: with
-                        // constant column offsets each call compiles to its own loop (looked
-                        // up from the table in a loop, the kernel ran ~20 % slower at 7x7).
+                        // constant column offsets each call compiles to its own loop, which
+                        // offsets looked up from the table in a loop do not.
                         shifts.apply::<false>(d0, odd, row_offset, -1);
                         shifts.apply::<false>(d1, even, row_offset, 0);
                         shifts.apply::<false>(d2, odd, row_offset, 0);
@@ -223,9 +223,8 @@ pub(super) fn im2col_gather(geom: &ConvGeom, img: &[f32], cols: &mut [f32]) {
                             let dst = &mut dst_row[ow_range.clone()];
                             match stride {
                                 1 => dst.copy_from_slice(&src_row[iw0..iw0 + dst.len()]),
-                                // Indexed with a constant stride the gather vectorises:
-                                // im2col of the stride-2 layers 25-35 % faster than with
-                                // `step_by` (microbenchmark).
+                                // Indexed with a constant stride the gather vectorises;
+                                // through `step_by` it does not.
                                 2 => {
                                     let src = &src_row[iw0..iw0 + 2 * dst.len() - 1];
                                     for (t, d) in dst.iter_mut().enumerate() {
@@ -272,7 +271,7 @@ impl ConvGeom {
 /// kernel-tap rows, each shifted back by its taps' offsets (`PlaneShifts`), in long contiguous
 /// loops over the whole flattened plane; the sub-images are then interleaved into the image.
 /// A gather per image row made loops of output-row length (7 to 32 here) and spent its time
-/// setting them up (1.3-2x, hot).
+/// setting them up.
 pub(super) fn col2im_k4_s2_p1(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
     let (out_w, row_len, out_plane) = (geom.out_w, geom.col_cols(), geom.out_plane());
     let plane = geom.img_h * geom.img_w;
@@ -294,8 +293,8 @@ pub(super) fn col2im_k4_s2_p1(geom: &ConvGeom, cols: &[f32], img: &mut [f32]) {
                     };
                     // Each sub-image's kernel rows and columns (parity 0: 1 and 3, parity 1:
                     // 2 and 0, as `K4_S2_TAPS` has them; the unshifted tap first, a plain
-                    // copy), spelt out so that every call's shifts are constants (from a
-                    // table in a loop: ~10 % slower at 7x7).
+                    // copy), spelt out so that every call's shifts are constants, as they are
+                    // not when read from a table in a loop.
                     let (even_even, rest) = subs.split_at_mut(out_plane);
                     let (even_odd, rest) = rest.split_at_mut(out_plane);
                     let (odd_even, odd_odd) = rest.split_at_mut(out_plane);

@@ -313,9 +313,8 @@ impl CustomOp3 for Conv2dEpilogueOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let geom = ConvGeom::for_conv2d(x.dims(), w.dims(), self.conv.stride, self.conv.padding)?;
         // A whole-image kernel is one GEMM without im2col / col2im (see `conv_forward`); the
-        // chunked pass below would add both (measured: a sagan-mnist28 step ~7 % slower). A
-        // Winograd layer's input gradient is a Winograd transposed convolution, which shares
-        // nothing with the weight gradient's im2col.
+        // chunked pass below would add both. A Winograd layer's input gradient is a Winograd
+        // transposed convolution, which shares nothing with the weight gradient's im2col.
         if geom.is_dense() || geom.takes_winograd() {
             let (dz, dbias) = self.epilogue.backward(y, grad, bias)?;
             let (dx, dw) = self.conv.bwd(x, w, y, &dz)?;

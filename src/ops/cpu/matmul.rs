@@ -132,12 +132,8 @@ pub(in crate::ops) fn matmul_on(
 }
 
 /// Whether gemm would multiply by `b` faster from a row-major copy. gemm packs a column-major
-/// right operand slowly once the inner dimension exceeds its depth block (256): measured at
-/// k = 1024, 33 against 108 GFLOP/s for m = n = 64, 64 against 114 for m = 196, n = 64, 83
-/// against 110 for m = 512 and 95 against 110 for m = 1024 (sagan64's 32x32 attention output;
-/// 72 against 106 in place), 93 against 108 for m = 1024, n = 128. The copy (~1 ns per k x n
-/// element) is cheap beside such products, but the loss shrinks as n grows (m = 2048, n = 256,
-/// k = 392 to 512: 1.5 to 3 %) where the copy would cost as much as it saves.
+/// right operand slowly once the inner dimension exceeds its depth block (256), most for small
+/// m and n; for large m and n the loss is small and the copy would cost as much as it saves.
 fn packs_slowly(m: usize, n: usize, k: usize, b: &MatRef) -> bool {
     b.rs == 1 && b.cs != 1 && k > 256 && n >= 32 && (m <= 256 || n <= 128)
 }

@@ -26,8 +26,7 @@ pub(in crate::ops) fn lane_sum(xs: &[f32], mut term: impl FnMut(usize, f32) -> f
 
 /// Sum of `term(a[i], b[i], c[i])` over `a`'s length (`b` and `c` at least as long), in the
 /// lanes of `lane_sum` (the same order, so the same result). The slices are walked in step
-/// rather than indexed: an indexing closure keeps the loop scalar (measured 1.2 against
-/// 0.16 ns per element for batch norm's gradient sums).
+/// rather than indexed: an indexing closure keeps the loop scalar.
 #[inline(always)]
 pub(in crate::ops) fn lane_sum3(
     a: &[f32],
