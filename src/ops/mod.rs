@@ -23,7 +23,7 @@ pub mod softmax;
 #[cfg(feature = "train")]
 pub(crate) mod spectral_norm;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "train"))]
 pub(crate) mod testing;
 
 use serde::{Deserialize, Serialize};
