@@ -24,14 +24,7 @@ pub const BUILTIN_PRESETS: &[(&str, &str)] = &[
     ("sagan128", include_str!("../models/sagan128.toml")),
 ];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    None,
-    Relu,
-    LeakyRelu,
-    Tanh,
-}
+pub use crate::ops::Activation;
 
 /// A spectrally normalised (transposed) convolution, optionally followed by batch norm, then `act`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

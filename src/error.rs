@@ -58,13 +58,6 @@ pub enum Error {
     Runtime(String),
 }
 
-#[cfg(feature = "infer")]
-impl From<crate::infer::InferError> for Error {
-    fn from(e: crate::infer::InferError) -> Self {
-        Error::Runtime(e.to_string())
-    }
-}
-
 #[cfg(feature = "train")]
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {

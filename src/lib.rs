@@ -1,20 +1,20 @@
 //! sagan: Self-Attention GANs trained in candle, exported to ONNX, served with ONNX Runtime.
 //!
-//! The candle-dependent half (models, data, training, checkpoints) sits behind the `train`
-//! feature so that the inference binary can be built without it.
+//! The candle-dependent half (the models and their kernels, training, checkpoints, export)
+//! sits behind the `train` feature so that the inference binary can be built without it;
+//! presets (`config`) and datasets (`data`) need no candle.
 
+pub mod config;
+pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod image_io;
 pub mod logging;
+pub mod ops;
 pub mod rng;
 
 #[cfg(feature = "train")]
 pub mod checkpoint;
-#[cfg(feature = "train")]
-pub mod config;
-#[cfg(feature = "train")]
-pub mod data;
 #[cfg(feature = "infer")]
 pub mod eval;
 #[cfg(feature = "train")]

@@ -78,3 +78,11 @@ pub enum InferError {
 }
 
 pub type InferResult<T> = std::result::Result<T, InferError>;
+
+/// For library code outside this module that runs ONNX Runtime (FID during training): the
+/// crate's error keeps the message and holds no `ort` value.
+impl From<InferError> for crate::Error {
+    fn from(e: InferError) -> Self {
+        crate::Error::Runtime(e.to_string())
+    }
+}

@@ -1,8 +1,9 @@
 //! The SAGAN self-attention block.
 
-use super::attention_core::{self, attention_core};
 use super::spectral_norm::{ConvKind, SNConv2d};
 use crate::config::{AttentionConfig, WeightInit};
+use crate::ops;
+use crate::ops::attention::{attention_core, max_pool2};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
@@ -89,7 +90,7 @@ impl SelfAttention {
         let k = keys(&self.key)?; // [B, C/8, M]
         let v = keys(&self.value)?; // [B, Cv, M]
         let energy = q.transpose(1, 2)?.matmul(&k)?; // [B, N, M]
-        let attention = super::softmax::softmax_last_dim(&energy)?;
+        let attention = ops::softmax::softmax_last_dim(&energy)?;
         let o = v
             .matmul(&attention.transpose(1, 2)?)?
             .reshape((b, (), h, w))?; // [B, Cv, H, W]
@@ -139,17 +140,9 @@ impl SelfAttention {
     }
 }
 
-/// 2x2 max pooling (even H and W). Not candle's `max_pool2d`: its backward (candle 0.11) hands
-/// the maximum a quarter of the gradient (it multiplies by the window's share of maxima where
-/// it should divide), which would shrink every gradient through the keys and values 4-fold.
-pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
-}
-
 impl ModuleT for SelfAttention {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match attention_core::supports(x) {
+        match ops::attention::supports(x) {
             true => self.forward_fused(x, train),
             false => Ok(self.forward_with_map(x, train)?.0),
         }
@@ -159,7 +152,7 @@ impl ModuleT for SelfAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{input, max_abs};
+    use crate::ops::testing::{input, max_abs};
     use crate::rng::{seeded_var_builder, stream};
     use candle_core::{Device, Var, D};
     use candle_nn::VarMap;
@@ -323,33 +316,6 @@ mod tests {
                 .unwrap();
             assert!(norm > 0.0, "{name} got a zero gradient");
         }
-    }
-
-    #[test]
-    fn max_pool_sends_the_whole_gradient_to_each_maximum() {
-        let x = Var::from_tensor(&input(2, 3, 4, 6, 9)).unwrap();
-        let pooled = max_pool2(&x).unwrap();
-        let reference = x.max_pool2d(2).unwrap();
-        assert_eq!(max_abs(&(&pooled - &reference).unwrap()), 0.0);
-        let grads = pooled.sum_all().unwrap().backward().unwrap();
-        let grad = grads
-            .get(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        // One 1 per 2x2 window (inputs are distinct), at its maximum; zeros elsewhere.
-        assert_eq!(grad.iter().filter(|&&g| g == 1.0).count(), 2 * 3 * 2 * 3);
-        assert!(grad.iter().all(|&g| g == 0.0 || g == 1.0));
-        let upsampled_max = reference.upsample_nearest2d(4, 6).unwrap();
-        let at_max = x
-            .eq(&upsampled_max)
-            .unwrap()
-            .to_dtype(candle_core::DType::F32)
-            .unwrap();
-        let at_max = at_max.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(grad, at_max);
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The class-conditional pieces of the paper's ImageNet model: conditional batch norm in G
 //! (de Vries et al. 2017) and the projection head of D (Miyato & Koyama 2018).
 
-use super::channel_ops::{batch_norm_act, bias_act};
 use super::param;
 use super::spectral_norm::{SNLinear, SpectralNorm};
 use crate::config::{Activation, WeightInit};
+use crate::ops::channel::{batch_norm_act, bias_act};
 use candle_core::{bail, ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 
@@ -48,7 +48,7 @@ impl ClassBatchNorm {
         self.forward_act(x, classes, Activation::None, 0.0, train)
     }
 
-    /// `act(norm(x))`, through the fused batch-norm kernels (`channel_ops`).
+    /// `act(norm(x))`, through the fused batch-norm kernels (`ops::channel`).
     pub fn forward_act(
         &self,
         x: &Tensor,
@@ -127,7 +127,7 @@ impl ProjectionHead {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{input, max_abs};
+    use crate::ops::testing::{input, max_abs};
     use crate::rng::{seeded_var_builder, stream};
     use candle_core::{DType, Device, D};
     use candle_nn::VarMap;

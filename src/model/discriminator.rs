@@ -42,7 +42,7 @@ impl Discriminator {
 mod tests {
     use super::*;
     use crate::config::BUILTIN_PRESETS;
-    use crate::model::testing::input;
+    use crate::ops::testing::input;
     use crate::rng::{seeded_var_builder, stream};
     use candle_core::{DType, Device, Var};
     use candle_nn::VarMap;

@@ -2,25 +2,11 @@
 //! discriminator built from a preset's layer list.
 
 pub mod attention;
-mod attention_core;
-pub mod channel_ops;
 pub mod conditional;
-pub mod conv_ops;
-pub(crate) mod cpu_storage;
 pub mod discriminator;
 pub mod generator;
-mod handoff;
-mod matmul;
 pub mod resnet;
-mod scratch;
-pub(crate) mod simd;
-pub mod softmax;
 pub mod spectral_norm;
-mod spectral_norm_ops;
-mod vector_math;
-
-#[cfg(test)]
-pub(crate) mod testing;
 
 pub use attention::SelfAttention;
 pub use conditional::{ClassBatchNorm, ProjectionHead};
@@ -29,9 +15,11 @@ pub use generator::Generator;
 pub use resnet::{DiscriminatorBlock, GeneratorBlock};
 pub use spectral_norm::{ConvKind, SNConv2d, SNLinear, SpectralNorm};
 
-use std::cell::Cell;
+pub use crate::ops::grad_mode::without_grad;
 
 use crate::config::{Activation, ConvConfig, FeatureShape, LayerConfig, NetConfig, WeightInit};
+use crate::ops::grad_mode::param;
+use crate::ops::{channel, handoff};
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::{BatchNorm, BatchNormConfig, VarBuilder};
 
@@ -75,36 +63,6 @@ impl Layer {
 pub struct LayerStack {
     layers: Vec<Layer>,
     leaky_slope: f64,
-}
-
-thread_local! {
-    static WITHOUT_GRAD: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with every parameter a constant, as in an evaluation forward, while training
-/// forwards keep their training behaviour (batch statistics, power iteration): for a forward
-/// whose result is never differentiated, such as the D step's fake batch. Like PyTorch's
-/// `torch.no_grad()`, it holds for the calling thread until `f` returns.
-pub fn without_grad<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            WITHOUT_GRAD.with(|flag| flag.set(self.0));
-        }
-    }
-    let _restore = Restore(WITHOUT_GRAD.with(|flag| flag.replace(true)));
-    f()
-}
-
-/// A parameter as a forward uses it: itself when training, a constant otherwise (and inside
-/// `without_grad`). Nothing is trained through an evaluation forward (the G step runs D in
-/// evaluation mode), so gradients for its weights would be discarded work: whole GEMMs per
-/// layer, and the graph's bookkeeping.
-pub(crate) fn param(t: &Tensor, train: bool) -> Tensor {
-    match train && !WITHOUT_GRAD.with(Cell::get) {
-        true => t.clone(),
-        false => t.detach(),
-    }
 }
 
 impl LayerStack {
@@ -287,7 +245,7 @@ impl LayerStack {
             Layer::GeneratorBlock(block) => block.forward(x, classes, train)?,
             Layer::DiscriminatorBlock(block) => block.forward(x, train)?,
             Layer::Norm { norm, act } => {
-                channel_ops::bias_act(&norm.forward(x, None, train)?, None, *act, self.leaky_slope)?
+                channel::bias_act(&norm.forward(x, None, train)?, None, *act, self.leaky_slope)?
             }
             Layer::ProjectionHead(head) => head.forward(x, classes, train)?,
         })

@@ -1,11 +1,11 @@
 //! The residual blocks of the paper's ResNet SAGAN (the BigGAN layout): G's blocks upsample
 //! and take the class through conditional batch norm, D's blocks downsample.
 
-use super::channel_ops::bias_act;
 use super::conditional::ClassBatchNorm;
 use super::spectral_norm::{ConvKind, SNConv2d};
 use crate::config::{Activation, WeightInit};
 use crate::config::{DiscriminatorBlockConfig, GeneratorBlockConfig};
+use crate::ops::channel::bias_act;
 use candle_core::{ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
@@ -155,7 +155,7 @@ impl DiscriminatorBlock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{input, max_abs, weighted_grad};
+    use crate::ops::testing::{input, max_abs, weighted_grad};
     use crate::rng::{seeded_var_builder, stream};
     use candle_core::{Device, Var};
     use candle_nn::VarMap;

@@ -5,8 +5,8 @@
 //! and v are variables of the VarMap (saved in checkpoints, never given gradients): one power
 //! iteration per training forward refines them; evaluation uses them as stored.
 
-use super::spectral_norm_ops;
 use crate::config::{Activation, WeightInit};
+use crate::ops;
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, Init, VarBuilder};
 
@@ -77,18 +77,21 @@ impl SpectralNorm {
 
     /// The normalised weight W / sigma. Training (`train`) first runs one power iteration
     /// and stores the new u and v; evaluation uses them as stored and, like every parameter in
-    /// an evaluation forward, gives a constant (see `model::param`).
+    /// an evaluation forward, gives a constant (see `ops::grad_mode::param`).
     pub fn weight(&self, train: bool) -> Result<Tensor> {
         let weight = super::param(&self.weight, train);
-        if spectral_norm_ops::supports(&weight) {
+        if ops::spectral_norm::supports(&weight) {
             if train {
-                let (u, v) =
-                    spectral_norm_ops::power_iteration(&weight, self.out_axis, self.u.as_tensor())?;
+                let (u, v) = ops::spectral_norm::power_iteration(
+                    &weight,
+                    self.out_axis,
+                    self.u.as_tensor(),
+                )?;
                 self.u.set(&u)?;
                 self.v.set(&v)?;
             }
             let (u, v) = (self.u.as_tensor(), self.v.as_tensor());
-            return spectral_norm_ops::normalized(&weight, self.out_axis, u, v);
+            return ops::spectral_norm::normalized(&weight, self.out_axis, u, v);
         }
         self.weight_composed(weight, train)
     }
@@ -228,22 +231,14 @@ impl SNConv2d {
         if self.kind == ConvKind::Conv {
             let w = self.sn.weight(train)?;
             let (stride, padding) = (self.stride, self.padding);
-            return super::conv_ops::conv2d_bias_act(
-                x,
-                &w,
-                &bias,
-                stride,
-                padding,
-                act,
-                leaky_slope,
-            );
+            return ops::conv::conv2d_bias_act(x, &w, &bias, stride, padding, act, leaky_slope);
         }
         let y = self.forward_unbiased(x, train)?;
-        super::channel_ops::bias_act(&y, Some(&bias), act, leaky_slope)
+        ops::channel::bias_act(&y, Some(&bias), act, leaky_slope)
     }
 
     /// `act(batch_norm(conv(x) + bias))`; a transposed convolution's training-mode norm runs
-    /// inside its op (see `conv_ops::conv_transpose2d_bn_act`).
+    /// inside its op (see `ops::conv::conv_transpose2d_bn_act`).
     pub fn forward_bn_act(
         &self,
         x: &Tensor,
@@ -254,18 +249,11 @@ impl SNConv2d {
     ) -> Result<Tensor> {
         if self.kind == ConvKind::Conv {
             let z = self.forward_unbiased(x, train)?;
-            return super::channel_ops::batch_norm_act(
-                &z,
-                Some(&self.bias),
-                bn,
-                act,
-                leaky_slope,
-                train,
-            );
+            return ops::channel::batch_norm_act(&z, Some(&self.bias), bn, act, leaky_slope, train);
         }
         let w = self.sn.weight(train)?;
         let (stride, padding) = (self.stride, self.padding);
-        super::conv_ops::conv_transpose2d_bn_act(
+        ops::conv::conv_transpose2d_bn_act(
             x,
             &w,
             stride,
@@ -284,10 +272,8 @@ impl SNConv2d {
         // im2col/col2im + GEMM kernels with their own backward: candle's CPU transposed conv
         // (also its conv2d input gradient) is a direct loop several times slower.
         match self.kind {
-            ConvKind::Conv => super::conv_ops::conv2d(x, &w, self.stride, self.padding),
-            ConvKind::Transpose => {
-                super::conv_ops::conv_transpose2d(x, &w, self.stride, self.padding)
-            }
+            ConvKind::Conv => ops::conv::conv2d(x, &w, self.stride, self.padding),
+            ConvKind::Transpose => ops::conv::conv_transpose2d(x, &w, self.stride, self.padding),
         }
     }
 }
@@ -337,7 +323,7 @@ impl ModuleT for SNLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing;
+    use crate::ops::testing;
     use crate::rng::{seeded_var_builder, stream};
     use candle_core::Device;
     use candle_nn::VarMap;

@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::VarMap;
 use std::collections::{BTreeMap, HashMap};
 
-use super::inplace;
+use crate::ops::optimizer;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamConfig {
@@ -27,7 +27,7 @@ pub struct Adam {
 }
 
 /// One variable's Adam step from its moments `(m, v)` and gradient; returns the new moments.
-/// `in_place` updates the three buffers with the fused CPU kernels (`inplace`), which round
+/// `in_place` updates the three buffers with the fused CPU kernels (`ops::optimizer`), which round
 /// exactly as the composed candle ops do.
 fn update(
     var: &Var,
@@ -44,10 +44,10 @@ fn update(
         eps,
     } = cfg;
     if in_place {
-        let moment = |keep, square| inplace::Lerp { keep, square };
+        let moment = |keep, square| optimizer::Lerp { keep, square };
         m.inplace_op2(grad, &moment(beta1, false))?;
         v.inplace_op2(grad, &moment(beta2, true))?;
-        let apply = inplace::AdamApply {
+        let apply = optimizer::AdamApply {
             lr,
             correction1,
             correction2,
@@ -103,7 +103,7 @@ impl Adam {
             };
             let in_place = [var.as_tensor(), &m, &v, &grad]
                 .into_iter()
-                .all(inplace::supported);
+                .all(optimizer::supported);
             let corrections = (correction1, correction2);
             let (m, v) = update(var, (m, v), &grad, self.cfg, corrections, in_place)?;
             self.moments.insert(name.clone(), (m, v));

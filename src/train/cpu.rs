@@ -16,10 +16,8 @@ pub fn configure(threads: Option<usize>) -> Result<usize> {
     // candle sizes its matmul parallelism from this variable.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     // Every heavy kernel runs on rayon's pool; candle's own pool only splits its small
-    // elementwise ops (gradient sums), and its workers spin ~0.5 ms after each op, taking a
-    // core from rayon's threads: on 2 cores, 2.3 % of a step's samples were that spin;
-    // with candle's ops on the calling thread alone sagan-mnist28 trained 0-4 % faster
-    // (three interleaved runs).
+    // elementwise ops (gradient sums), and its workers spin for a while after each op, taking
+    // a core from rayon's threads; on the calling thread alone they take none.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
@@ -52,9 +50,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Keeps memory that mimalloc frees mapped for its next allocation. A training step frees and
 /// reallocates the same buffers, so every return to the OS comes back as page faults on the
-/// next step (sagan-mnist28: 0.6 s of system time per 4 steps with the default 10 ms delay,
-/// 0.2 s without purging); peak memory is what the process holds anyway. Only meaningful in a
-/// binary whose global allocator is mimalloc (sagan-train); call before the first tensor work.
+/// next step; peak memory is what the process holds anyway. Only meaningful in a binary whose
+/// global allocator is mimalloc (sagan-train); call before the first tensor work.
 pub fn keep_freed_memory() {
     // SAFETY: writes one of mimalloc's option words, which it reads only when it purges.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }

@@ -1,9 +1,9 @@
 //! Exponential moving average of the generator's weights.
 
-use super::inplace;
 use crate::checkpoint::varmap_tensors;
 use crate::config::ModelConfig;
 use crate::model::Generator;
+use crate::ops::optimizer;
 use candle_core::{DType, Device, Result, Var};
 use candle_nn::{VarBuilder, VarMap};
 use std::collections::HashSet;
@@ -52,8 +52,8 @@ impl Ema {
         for (name, value) in varmap_tensors(source) {
             let Some(avg) = data.get(&name) else { continue };
             if trained.contains(name.as_str()) {
-                if inplace::supported(avg.as_tensor()) && inplace::supported(&value) {
-                    let lerp = inplace::Lerp {
+                if optimizer::supported(avg.as_tensor()) && optimizer::supported(&value) {
+                    let lerp = optimizer::Lerp {
                         keep: decay,
                         square: false,
                     };

@@ -5,7 +5,6 @@ pub mod adam;
 pub mod cpu;
 pub mod ema;
 pub mod fid;
-mod inplace;
 pub mod loss;
 mod manifest;
 pub mod memory;
@@ -452,7 +451,7 @@ impl Trainer {
     fn generator_step(&mut self) -> Result<f32> {
         let (z, classes) = self.latents(2 * self.step as u64 + 1)?;
         // D in evaluation mode: its spectral-norm vectors stay put and its parameters are
-        // constants (model::param), so the G step changes nothing of D and its backward
+        // constants (ops::grad_mode::param), so the G step changes nothing of D and its backward
         // computes no D weight gradients.
         let fake = self.generator.forward(&z, classes.as_ref(), true)?;
         let logits = self.discriminator.forward(&fake, classes.as_ref(), false)?;
@@ -651,7 +650,7 @@ impl Trainer {
             }
             // On a pool worker, the kernels' parallel loops start inside the pool with this
             // thread working too, instead of each being queued from outside for workers to
-            // wake up to (+3-4 % images/s on sagan-mnist28).
+            // wake up to.
             let stats = rayon::scope(|_| self.train_step())?;
             bar.inc(1);
             window.1 += 1;

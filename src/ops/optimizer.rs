@@ -5,8 +5,8 @@
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::model::cpu_storage::{f32_slice, f32_slice_mut};
-use crate::model::simd::vectorized;
+use super::cpu::simd::vectorized;
+use super::cpu::storage::{f32_slice, f32_slice_mut};
 
 /// Elements per rayon task.
 const TASK_ELEMS: usize = 1 << 15;

@@ -19,17 +19,15 @@
 //! convolution: ~2e-6 of the output's scale on the test shapes against ~4e-7 for a direct sum.
 //!
 //! On a 7x7 side (sagan-mnist28) the tiles cover 8x8, and the products take 25 x 4 / 49 of the
-//! 16 multiply-adds per output-side pixel and channel pair: 0.51 of im2col's. Measured per call
-//! (2 threads, batch 64): the generator's 256 -> 128 layer 12.6 against 17.4 ms, its input
-//! gradient 12.4 against 17.1, the discriminator's 64 -> 128 layer 3.6 against 4.6.
+//! 16 multiply-adds per output-side pixel and channel pair: 0.51 of im2col's.
 
 use rayon::prelude::*;
 
-use super::ConvGeom;
-use crate::model::channel_ops::Epilogue;
-use crate::model::matmul::{matmul_serial, MatRef};
-use crate::model::scratch::ScratchBuf;
-use crate::model::simd::vectorized;
+use super::geometry::ConvGeom;
+use crate::ops::channel::Epilogue;
+use crate::ops::cpu::matmul::{matmul_serial, MatRef};
+use crate::ops::cpu::scratch::ScratchBuf;
+use crate::ops::cpu::simd::vectorized;
 
 /// Output tile side.
 const TILE: usize = 4;
@@ -56,9 +54,7 @@ const MAX_WORK: f64 = 0.55;
 
 /// Largest transformed-tile buffer of one batch chunk, in f32s (4 MiB): the chunk's
 /// transformed tiles and products then stay in the last-level cache beside the transformed
-/// kernels between the passes. On the sagan-mnist28 layers, chunks of 16 items against the
-/// whole batch of 64 at once: the generator's 256 -> 128 layer 12.6 against 16.3 ms per call;
-/// against chunks of 32, training +6 % images/s.
+/// kernels between the passes.
 const CHUNK_BUDGET: usize = 1 << 20;
 
 impl ConvGeom {

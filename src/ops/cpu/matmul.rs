@@ -4,7 +4,7 @@ use super::scratch::ScratchBuf;
 
 /// A read-only matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-pub(super) struct MatRef<'a> {
+pub(in crate::ops) struct MatRef<'a> {
     data: &'a [f32],
     rows: usize,
     cols: usize,
@@ -92,7 +92,7 @@ impl<'a> MatRef<'a> {
 
 /// `dst [a.rows, b.cols] (row-major) = a x b`, or `+= a x b` when `accumulate`. Uses all rayon
 /// threads: for callers that hand it one large product (a chunk of the batch side by side).
-pub(super) fn matmul(
+pub(in crate::ops) fn matmul(
     dst: &mut [f32],
     a: MatRef,
     b: MatRef,
@@ -108,7 +108,7 @@ pub(super) fn matmul(
 }
 
 /// `matmul` on the calling thread only: for callers already running one product per rayon task.
-pub(super) fn matmul_serial(
+pub(in crate::ops) fn matmul_serial(
     dst: &mut [f32],
     a: MatRef,
     b: MatRef,
@@ -118,7 +118,7 @@ pub(super) fn matmul_serial(
 }
 
 /// `matmul` on all threads, or `matmul_serial`.
-pub(super) fn matmul_on(
+pub(in crate::ops) fn matmul_on(
     dst: &mut [f32],
     a: MatRef,
     b: MatRef,
@@ -132,12 +132,8 @@ pub(super) fn matmul_on(
 }
 
 /// Whether gemm would multiply by `b` faster from a row-major copy. gemm packs a column-major
-/// right operand slowly once the inner dimension exceeds its depth block (256): measured at
-/// k = 1024, 33 against 108 GFLOP/s for m = n = 64, 64 against 114 for m = 196, n = 64, 83
-/// against 110 for m = 512 and 95 against 110 for m = 1024 (sagan64's 32x32 attention output;
-/// 72 against 106 in place), 93 against 108 for m = 1024, n = 128. The copy (~1 ns per k x n
-/// element) is cheap beside such products, but the loss shrinks as n grows (m = 2048, n = 256,
-/// k = 392 to 512: 1.5 to 3 %) where the copy would cost as much as it saves.
+/// right operand slowly once the inner dimension exceeds its depth block (256), most for small
+/// m and n; for large m and n the loss is small and the copy would cost as much as it saves.
 fn packs_slowly(m: usize, n: usize, k: usize, b: &MatRef) -> bool {
     b.rs == 1 && b.cs != 1 && k > 256 && n >= 32 && (m <= 256 || n <= 128)
 }

@@ -4,16 +4,16 @@
 //! Composed from candle's ops, a transposed conv's weight is first copied into matrix layout,
 //! and W / sigma with sigma differentiable in W takes a dozen full passes over the weight and as
 //! many buffers forward and backward (a broadcast division's gradient alone squares and divides
-//! a weight-sized tensor): 9 % of a sagan-mnist28 training step. Here the power iteration takes
-//! two passes, sigma one, the division one, and the backward two.
+//! a weight-sized tensor). Here the power iteration takes two passes, sigma one, the division
+//! one, and the backward two.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_storage::{f32_slice, with_f32_data};
+use super::cpu::simd::vectorized;
+use super::cpu::storage::{f32_slice, with_f32_data};
+use super::cpu::vector_math::lane_dot;
 use super::handoff;
-use super::simd::vectorized;
-use super::vector_math::lane_dot;
 
 /// Weight elements per rayon task.
 const TASK_ELEMS: usize = 1 << 15;

@@ -1,8 +1,7 @@
 //! Runtime dispatch of the kernels' own loops (everything outside gemm, which dispatches
 //! itself) to the widest vector instructions the CPU has. The crate is compiled for baseline
-//! x86-64 (SSE2) so that it runs anywhere; the same loops compiled for AVX-512 run 1.5-3x
-//! faster on a CPU that has it (softmax rows: 1.5 ms SSE2, 0.8 ms AVX2, 0.5 ms AVX-512 per
-//! million elements on a Zen 4 core).
+//! x86-64 (SSE2) so that it runs anywhere; the same loops compiled for AVX2 or AVX-512 run
+//! faster on a CPU that has them.
 //!
 //! Only the code inlined into `vectorized`'s argument is compiled for the wider target, so
 //! the kernels it runs are `#[inline(always)]`. The results do not depend on the target: Rust

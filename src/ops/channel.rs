@@ -17,11 +17,12 @@ use candle_core::{Result, Tensor, Var};
 use candle_nn::BatchNorm;
 use rayon::prelude::*;
 
-use super::cpu_storage::f32_slice;
+use super::cpu::simd::vectorized;
+use super::cpu::storage::f32_slice;
+use super::cpu::vector_math::{lane_sum, lane_sum3};
+use super::grad_mode::param;
 use super::handoff;
-use super::simd::vectorized;
-use super::vector_math::{lane_sum, lane_sum3};
-use crate::config::Activation;
+use super::Activation;
 
 /// Elements per rayon task, so that tiny planes (4x4 feature maps) are not one task each.
 const MIN_TASK_ELEMS: usize = 1 << 14;
@@ -396,7 +397,7 @@ pub(super) fn scale_shift(
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
     Ok(match bn.weight_and_bias() {
-        Some((gamma, beta)) => (super::param(gamma, train), super::param(beta, train)),
+        Some((gamma, beta)) => (param(gamma, train), param(beta, train)),
         None => {
             let c = bn.running_mean().elem_count();
             let ones = Tensor::ones(c, DType::F32, device)?;
@@ -406,7 +407,7 @@ pub(super) fn scale_shift(
 }
 
 /// Training-mode batch norm + activation: the op of `batch_norm_act`, and the last stage of
-/// `conv_ops::conv_transpose2d_bn_act`'s op.
+/// `conv::conv_transpose2d_bn_act`'s op.
 #[derive(Clone, Debug)]
 pub(super) struct BatchNormAct {
     act: Act,
@@ -675,7 +676,7 @@ impl CustomOp3 for BatchNormActGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{self, input};
+    use crate::ops::testing::{self, input};
     use candle_core::backprop::GradStore;
     use candle_nn::{BatchNormConfig, VarBuilder, VarMap};
 

@@ -15,9 +15,9 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_storage::f32_slice;
+use super::cpu::matmul::{matmul_on, MatRef};
+use super::cpu::storage::f32_slice;
 use super::handoff;
-use super::matmul::{matmul_on, MatRef};
 use super::softmax::{softmax_grad_in_place, softmax_in_place};
 
 /// Most bytes of per-item buffers (qkv, pooled keys and values, map) a forward keeps for its
@@ -532,8 +532,7 @@ impl CustomOp3 for AttentionCore {
             .zip(x.par_chunks(g.channels * n));
         // Item by item, no minimum task length: rayon splits further only when a thread runs
         // out of work, so the `init` buffers are made a few times per call, and one slow
-        // thread does not leave the other waiting on a fixed half of the batch (measured
-        // +4.6 % img/s on sagan-mnist28 against one task per thread).
+        // thread does not leave the other waiting on a fixed half of the batch.
         let o_t = || vec![0f32; n * g.value];
         if self.keep {
             let mut kept = take_kept(g.batch);
@@ -723,10 +722,18 @@ impl CustomOp3 for AttentionCoreGrad {
     }
 }
 
+/// 2x2 max pooling (even H and W). Not candle's `max_pool2d`: its backward (candle 0.11) hands
+/// the maximum a quarter of the gradient (it multiplies by the window's share of maxima where
+/// it should divide), which would shrink every gradient through the keys and values 4-fold.
+pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{self, input};
+    use crate::ops::testing::{self, input, max_abs};
     use candle_core::{Var, D};
 
     /// The same computation composed from candle's ops.
@@ -742,12 +749,10 @@ mod tests {
         let keys = |start: usize, len: usize| {
             let t = qkv.narrow(1, start, len).unwrap();
             match pooled {
-                true => {
-                    crate::model::attention::max_pool2(&t.reshape((batch, len, h, wd)).unwrap())
-                        .unwrap()
-                        .flatten_from(2)
-                        .unwrap()
-                }
+                true => max_pool2(&t.reshape((batch, len, h, wd)).unwrap())
+                    .unwrap()
+                    .flatten_from(2)
+                    .unwrap(),
                 false => t,
             }
         };
@@ -880,5 +885,32 @@ mod tests {
             attention_core(&x, &w, &b, None, 1, true).is_err(),
             "odd size, pooled"
         );
+    }
+
+    #[test]
+    fn max_pool_sends_the_whole_gradient_to_each_maximum() {
+        let x = Var::from_tensor(&input(2, 3, 4, 6, 9)).unwrap();
+        let pooled = max_pool2(&x).unwrap();
+        let reference = x.max_pool2d(2).unwrap();
+        assert_eq!(max_abs(&(&pooled - &reference).unwrap()), 0.0);
+        let grads = pooled.sum_all().unwrap().backward().unwrap();
+        let grad = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // One 1 per 2x2 window (inputs are distinct), at its maximum; zeros elsewhere.
+        assert_eq!(grad.iter().filter(|&&g| g == 1.0).count(), 2 * 3 * 2 * 3);
+        assert!(grad.iter().all(|&g| g == 0.0 || g == 1.0));
+        let upsampled_max = reference.upsample_nearest2d(4, 6).unwrap();
+        let at_max = x
+            .eq(&upsampled_max)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        let at_max = at_max.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(grad, at_max);
     }
 }

@@ -4,9 +4,7 @@
 //! candle's backward gives every tensor that a gradient reaches a zeroed buffer of its size and
 //! adds the gradient onto it (`GradStore::or_insert`, then `add`), on one thread: for a layer
 //! stack's activations, and for the spectrally normalised weights (G's first is 6.4 MB on
-//! sagan-mnist28), that is two extra passes over every one of them per step. Handing them off
-//! trained sagan-mnist28 1.7-4.4 % faster and sagan64 5 % (activations; interleaved runs), and
-//! the weights ~1 % more.
+//! sagan-mnist28), that is two extra passes over every one of them per step.
 //!
 //! Inside `run`, each op applied through `apply_op1` / `apply_op2` / `apply_op3` whose output
 //! is tracked also gets a one-element *token*, a node of candle's graph whose operands are the
@@ -31,7 +29,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, TensorId,
 };
 
-use super::cpu_storage::f32_slice;
+use super::cpu::storage::f32_slice;
 
 /// Where a tracked op output's gradient is left for its op's backward.
 #[derive(Default)]
@@ -75,7 +73,7 @@ thread_local! {
 
 /// Runs `f` with hand-off on (`on`) or off for the ops it applies on this thread, restoring
 /// the previous state after; links made while on are dropped then.
-pub(super) fn run<R>(on: bool, f: impl FnOnce() -> R) -> R {
+pub(crate) fn run<R>(on: bool, f: impl FnOnce() -> R) -> R {
     struct Restore(Option<HashMap<TensorId, Link>>);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -199,7 +197,7 @@ pub(super) fn apply_op3<C: CustomOp3 + Send + Sync + 'static>(
 
 /// `x` as a tensor for candle's own ops: where the running hand-off made `x`, a copy whose
 /// gradient goes to `x`'s slot; otherwise `x` itself.
-pub(super) fn bridge(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn bridge(x: &Tensor) -> Result<Tensor> {
     match link_of(x) {
         Some(link) => link
             .token
@@ -358,11 +356,11 @@ impl CustomOp2 for Bridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Activation;
-    use crate::model::attention_core::attention_core;
-    use crate::model::conv_ops::{conv2d_bias_act, conv_transpose2d};
-    use crate::model::spectral_norm_ops::normalized;
-    use crate::model::testing::{assert_close, input};
+    use crate::ops::attention::attention_core;
+    use crate::ops::conv::{conv2d_bias_act, conv_transpose2d};
+    use crate::ops::spectral_norm::normalized;
+    use crate::ops::testing::{assert_close, input};
+    use crate::ops::Activation;
     use candle_core::backprop::GradStore;
     use candle_core::{Device, Var};
 

@@ -18,10 +18,10 @@ thread_local! {
 /// A temporary buffer from the calling thread's pool. Its contents are stale: size it with
 /// `resize` (which writes only elements past the old length) and overwrite what is read.
 #[derive(Debug)]
-pub(super) struct ScratchBuf(Vec<f32>);
+pub(in crate::ops) struct ScratchBuf(Vec<f32>);
 
 impl ScratchBuf {
-    pub(super) fn take() -> Self {
+    pub(in crate::ops) fn take() -> Self {
         Self(
             POOL.with(|pool| pool.borrow_mut().pop())
                 .unwrap_or_default(),
@@ -33,7 +33,7 @@ impl ScratchBuf {
     /// The buffer's first `len` elements, stale, growing it (never shrinking it) to have
     /// them: the pool hands its buffers to temporaries of every size, and a buffer resized
     /// down and up again would be zero-filled past its shorter length each time.
-    pub(super) fn grown_to(&mut self, len: usize) -> &mut [f32] {
+    pub(in crate::ops) fn grown_to(&mut self, len: usize) -> &mut [f32] {
         if self.0.len() < len {
             self.0.resize(len, 0.0);
         }

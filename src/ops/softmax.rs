@@ -6,9 +6,9 @@
 //! are a large part of a training step. Here the forward is one pass per row (max, exp, sum,
 //! scale) and the backward, dx = y * (dy - <dy, y>), another.
 
-use super::cpu_storage::f32_slice;
-use super::simd::vectorized;
-use super::vector_math::{exp, lane_dot, lane_max, lane_sum_mut};
+use super::cpu::simd::vectorized;
+use super::cpu::storage::f32_slice;
+use super::cpu::vector_math::{exp, lane_dot, lane_max, lane_sum_mut};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -134,7 +134,7 @@ impl CustomOp2 for SoftmaxGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::{input, max_abs, weighted_grad};
+    use crate::ops::testing::{input, max_abs, weighted_grad};
     use candle_core::Var;
 
     #[test]
