@@ -428,6 +428,25 @@ fn wait_for_metrics(run: &Path, lines: usize) {
     }
 }
 
+/// A trainer that would run for minutes, without checkpoints until it is stopped.
+fn long_run(run: &Path) -> std::process::Child {
+    std::process::Command::new(assert_cmd::cargo::cargo_bin("sagan-train"))
+        .args(QUICK)
+        .args([
+            "--steps",
+            "1000",
+            "--sample-every",
+            "0",
+            "--checkpoint-every",
+            "0",
+            "--out",
+        ])
+        .arg(run)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap()
+}
+
 fn step_dirs(run: &Path) -> Vec<String> {
     let mut steps: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -446,21 +465,7 @@ fn step_dirs(run: &Path) -> Vec<String> {
 fn one_trainer_per_run_and_sigterm_saves_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("sagan-train"))
-        .args(QUICK)
-        .args([
-            "--steps",
-            "1000",
-            "--sample-every",
-            "0",
-            "--checkpoint-every",
-            "0",
-            "--out",
-        ])
-        .arg(&run)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let mut child = long_run(&run);
     wait_for_metrics(&run, 1);
     let holder = format!("pid {}", child.id());
     let fresh = stderr_of(train().args(QUICK).arg("--out").arg(&run));
@@ -585,34 +590,8 @@ fn a_diverging_run_writes_no_non_finite_checkpoint() {
 fn ctrl_c_writes_a_checkpoint_and_the_run_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("sagan-train"))
-        .args(QUICK)
-        .args([
-            "--steps",
-            "1000",
-            "--sample-every",
-            "0",
-            "--checkpoint-every",
-            "0",
-            "--out",
-        ])
-        .arg(&run)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let metrics = run.join("metrics.jsonl");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::fs::read_to_string(&metrics)
-        .map(|m| m.lines().count())
-        .unwrap_or(0)
-        < 2
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "training did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let mut child = long_run(&run);
+    wait_for_metrics(&run, 2);
     let kill = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -620,11 +599,7 @@ fn ctrl_c_writes_a_checkpoint_and_the_run_resumes() {
     assert!(kill.success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
-    let steps: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with("step-"))
-        .collect();
+    let steps = step_dirs(&run);
     assert_eq!(steps.len(), 1, "{steps:?}");
     let step: usize = steps[0].trim_start_matches("step-").parse().unwrap();
     assert!(step >= 2);
