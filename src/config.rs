@@ -366,7 +366,8 @@ impl NetConfig {
 
 impl ModelConfig {
     pub fn from_toml(text: &str) -> Result<Self> {
-        let cfg: ModelConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let cfg: ModelConfig =
+            toml::from_str(text).map_err(|e| Error::Config(toml_error(&e, text)))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -633,6 +634,21 @@ impl TrainConfig {
     }
 }
 
+/// A TOML error as one line, "line L, column C: what": the toml crate's own display spreads
+/// over several lines to draw the offending text.
+fn toml_error(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim_end();
+    match e.span() {
+        Some(span) => {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message.to_string(),
+    }
+}
+
 pub fn preset_names() -> Vec<&'static str> {
     BUILTIN_PRESETS.iter().map(|(name, _)| *name).collect()
 }
@@ -798,6 +814,31 @@ mod tests {
             );
             assert_eq!(err.lines().count(), 1, "{err}");
         }
+    }
+
+    /// Found by fuzzing: every TOML syntax or type error was several lines (the toml crate
+    /// draws the offending text under the message).
+    #[test]
+    fn toml_errors_are_one_line_with_the_position() {
+        let text = BUILTIN_PRESETS[0]
+            .1
+            .replacen("z_dim = 128", "z_dim = -1e-300", 1);
+        let err = ModelConfig::from_toml(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "invalid configuration: line 5, column 9: invalid type: floating point"
+            ),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err:?}");
+        let err = ModelConfig::from_toml("name = \"x\"\n[generator\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid configuration: line 2, column "),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err:?}");
     }
 
     #[test]

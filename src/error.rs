@@ -12,20 +12,20 @@ pub enum Error {
         error: std::io::Error,
     },
 
-    #[error("{path}: {msg}")]
+    #[error("{path}: {}", one_line(.msg))]
     Image { path: PathBuf, msg: String },
 
-    #[error("{path}: {msg}")]
+    #[error("{path}: {}", one_line(.msg))]
     Dataset { path: PathBuf, msg: String },
 
-    #[error("{path}: {msg}")]
+    #[error("{path}: {}", one_line(.msg))]
     Checkpoint { path: PathBuf, msg: String },
 
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration: {}", one_line(.0))]
     Config(String),
 
     /// A preset (a .toml file or a checkpoint's stored one) that cannot describe a model.
-    #[error("{path}: {msg}")]
+    #[error("{path}: {}", one_line(.msg))]
     Preset { path: PathBuf, msg: String },
 
     /// Training produced non-finite losses or weights; `last_good` says what is left to use.
@@ -67,6 +67,21 @@ impl From<candle_core::Error> for Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// A message as one line. Messages quote what they refuse (a file's strings, a decoder's
+/// text), and that may hold line breaks: they are shown escaped (`\n`), and trailing white
+/// space is dropped, so that an error stays the one line that names its file.
+pub fn one_line(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    for c in msg.trim_end().chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Error {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
@@ -80,6 +95,26 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing: a checkpoint whose stored preset names an activation "x\ny" gave a
+    /// two-line error (serde quotes the unknown variant), and a JPEG decoder's message ended
+    /// in a line break.
+    #[test]
+    fn quoted_line_breaks_do_not_break_the_line() {
+        let err = Error::Checkpoint {
+            path: "/runs/g.safetensors".into(),
+            msg: "its preset: unknown variant `x\ny`, expected one of `relu`\n".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "/runs/g.safetensors: its preset: unknown variant `x\\ny`, expected one of `relu`"
+        );
+        let err = Error::Config("name 'a\r\tb' is not valid".into());
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: name 'a\\r\\tb' is not valid"
+        );
+    }
 
     #[test]
     fn an_io_error_reads_as_one_line_naming_the_file() {

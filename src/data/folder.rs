@@ -46,18 +46,8 @@ pub(super) fn load(root: &Path, shape: Shape) -> Result<Dataset> {
         });
     }
 
-    let pixels = convert_all(&files, shape.image_len(), |(path, _), out| {
-        let img = image::ImageReader::open(path)
-            .map_err(|e| Error::io(path, e))?
-            // Trust the bytes over the extension: a .png that is really a JPEG still loads.
-            .with_guessed_format()
-            .map_err(|e| Error::io(path, e))?
-            .decode()
-            .map_err(|e| Error::Image {
-                path: path.clone(),
-                msg: format!("cannot decode image: {e}"),
-            })?;
-        write_chw(&img, shape, out);
+    let pixels = convert_all(&files, shape, root, |(path, _), out| {
+        write_chw(&decode(path)?, shape, out);
         Ok(())
     })?;
 
@@ -68,6 +58,36 @@ pub(super) fn load(root: &Path, shape: Shape) -> Result<Dataset> {
         channels: shape.channels,
         size: shape.size,
         origin: format!("image folder {}", root.display()),
+    })
+}
+
+/// Decoded bytes a picture may hold per byte of its file. Neither format gets near it (deflate
+/// peaks at 1032:1; a JPEG spends at least one bit per 8x8 block and component), so a header
+/// declaring more is corrupt, and its buffer is refused before it is allocated.
+const MAX_EXPANSION: u64 = 4096;
+/// What any picture may take, however small its file.
+const MIN_ALLOC: u64 = 16 << 20;
+
+fn decode(path: &Path) -> Result<image::DynamicImage> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    let mut reader = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        // Trust the bytes over the extension: a .png that is really a JPEG still loads.
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(len.saturating_mul(MAX_EXPANSION).max(MIN_ALLOC));
+    reader.limits(limits);
+    reader.decode().map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        msg: match e {
+            image::ImageError::Limits(_) => format!(
+                "cannot decode image: its header declares a picture larger than a {len}-byte file can hold"
+            ),
+            e => format!("cannot decode image: {e}"),
+        },
     })
 }
 
@@ -164,6 +184,36 @@ mod tests {
         let gray = ds.image(0);
         assert_eq!(&gray[..plane], &gray[plane..2 * plane]);
         assert_eq!(&gray[..plane], &gray[2 * plane..]);
+    }
+
+    /// Found by fuzzing: a 105-byte PNG whose header claimed a picture of 2^30 pixels had
+    /// image's default 512 MiB buffer allocated before the decoder found the data missing.
+    #[test]
+    fn a_header_declaring_more_pixels_than_the_file_holds_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut png = std::fs::read(fixture("images-small/squares/alpha.png")).unwrap();
+        // IHDR: width at 16, height at 20, CRC of type and data at 29.
+        png[16..20].copy_from_slice(&8000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&8000u32.to_be_bytes());
+        let crc = {
+            let mut crc = flate2::Crc::new();
+            crc.update(&png[12..29]);
+            crc.sum()
+        };
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        let path = dir.path().join("huge.png");
+        std::fs::write(&path, &png).unwrap();
+        let err = Dataset::load(&DataSource::Path(dir.path().to_path_buf()), 1, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&path.display().to_string())
+                && err.contains(&format!(
+                    "declares a picture larger than a {}-byte file can hold",
+                    png.len()
+                )),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! MNIST's IDX files: a big-endian header (magic number, counts, dimensions) followed by one
 //! byte per pixel or label, often gzip-compressed.
 
-use super::{convert_all, numbered_classes, write_chw, Dataset, Shape};
+use super::{check_memory, convert_all, numbered_classes, write_chw, Dataset, Shape};
 use crate::{Error, Result};
 use flate2::read::MultiGzDecoder;
 use image::{DynamicImage, GrayImage};
@@ -34,7 +34,7 @@ pub(super) fn load_builtin(shape: Shape) -> Result<Dataset> {
     let images = Images::parse(&images, path)?;
     let labels = parse_labels(&gunzip(BUILTIN_LABELS, path)?, path, images.count)?;
     let origin = format!("built-in MNIST ({} training digits)", images.count);
-    build(&images, Some(labels), shape, origin)
+    build(&images, Some(labels), shape, path, origin)
 }
 
 /// The MNIST training images file in `dir`, if it has one.
@@ -61,13 +61,14 @@ pub(super) fn load_file(path: &Path, shape: Shape) -> Result<Dataset> {
         }
         None => (None, format!("MNIST IDX {} (no labels)", path.display())),
     };
-    build(&images, labels, shape, origin)
+    build(&images, labels, shape, path, origin)
 }
 
 fn build(
     images: &Images,
     labels: Option<Vec<u32>>,
     shape: Shape,
+    path: &Path,
     origin: String,
 ) -> Result<Dataset> {
     let (rows, cols) = (images.rows, images.cols);
@@ -75,7 +76,7 @@ fn build(
         images.pixels.to_vec()
     } else {
         let digits: Vec<&[u8]> = images.pixels.chunks_exact(rows * cols).collect();
-        convert_all(&digits, shape.image_len(), |digit, out| {
+        convert_all(&digits, shape, path, |digit, out| {
             // Both dimensions came out of u32 header fields.
             let gray = GrayImage::from_raw(cols as u32, rows as u32, digit.to_vec())
                 .ok_or_else(|| Error::Config(format!("bad MNIST digit shape {rows}x{cols}")))?;
@@ -119,12 +120,50 @@ fn read_idx(path: &Path) -> Result<Vec<u8>> {
     }
 }
 
+/// Decompresses an IDX file no further than its header says it reaches, plus one byte so that
+/// data past the end is still noticed: a stream that expands to more than the header declares
+/// (it is corrupt, or a gzip bomb) is refused without being held in memory.
 fn gunzip(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
+    let corrupt =
+        |e: std::io::Error| dataset_error(path, format!("corrupt or truncated gzip data: {e}"));
+    let mut decoder = MultiGzDecoder::new(bytes);
     let mut out = Vec::new();
-    MultiGzDecoder::new(bytes)
+    (&mut decoder)
+        .take(16)
         .read_to_end(&mut out)
-        .map_err(|e| dataset_error(path, format!("corrupt or truncated gzip data: {e}")))?;
+        .map_err(corrupt)?;
+    let declared = declared_len(&out);
+    // Its size is not known until it is decompressed: refuse what could not be held anyway.
+    if let Some(n) = declared {
+        check_memory(path, n, crate::train::memory::available(), || {
+            "the sizes its header declares".into()
+        })?;
+    }
+    let limit = declared.map_or(0, |n| n.saturating_add(1));
+    (&mut decoder)
+        .take(limit.saturating_sub(out.len() as u64))
+        .read_to_end(&mut out)
+        .map_err(corrupt)?;
     Ok(out)
+}
+
+/// The length of the whole file (header included) that an IDX images or labels header
+/// declares; `None` when `header` is not one.
+fn declared_len(header: &[u8]) -> Option<u64> {
+    let field = |i: usize| {
+        let b = header.get(4 * i..4 * i + 4)?;
+        Some(u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])))
+    };
+    match u32::try_from(field(0)?).ok()? {
+        IMAGES_MAGIC => Some(
+            field(1)?
+                .saturating_mul(field(2)?)
+                .saturating_mul(field(3)?)
+                .saturating_add(16),
+        ),
+        LABELS_MAGIC => Some(field(1)? + 8),
+        _ => None,
+    }
 }
 
 fn dataset_error(path: &Path, msg: String) -> Error {
@@ -192,9 +231,9 @@ impl<'a> Images<'a> {
             )));
         }
         if pixels.len() > expected {
+            // A gzip stream is only read one byte past the declared size: say "more".
             return Err(err(format!(
-                "corrupt: header says {count} images of {rows}x{cols} ({expected} bytes) but file holds {} bytes of pixel data",
-                pixels.len()
+                "corrupt: header says {count} images of {rows}x{cols} ({expected} bytes) but the file holds more pixel data"
             )));
         }
         Ok(Images {
@@ -228,15 +267,15 @@ fn parse_labels(bytes: &[u8], path: &Path, count: usize) -> Result<Vec<u32>> {
         )));
     }
     let labels = &bytes[8..];
-    if labels.len() != n {
-        let what = if labels.len() < n {
-            "truncated"
-        } else {
-            "corrupt"
-        };
+    if labels.len() < n {
         return Err(err(format!(
-            "{what}: header says {n} labels but file holds {} bytes of labels",
+            "truncated: header says {n} labels but file holds {} bytes of labels",
             labels.len()
+        )));
+    }
+    if labels.len() > n {
+        return Err(err(format!(
+            "corrupt: header says {n} labels but the file holds more"
         )));
     }
     Ok(labels.iter().map(|&l| u32::from(l)).collect())
@@ -357,7 +396,7 @@ mod tests {
             (
                 "long-images-idx3-ubyte",
                 idx_images(3, 2, 2, &[0; 13]),
-                "corrupt: header says 3 images of 2x2 (12 bytes) but file holds 13 bytes",
+                "corrupt: header says 3 images of 2x2 (12 bytes) but the file holds more pixel data",
             ),
             (
                 "magic-images-idx3-ubyte",
@@ -387,6 +426,35 @@ mod tests {
             assert!(msg.contains(name), "{msg}");
             assert!(msg.contains(expected), "{msg}");
         }
+    }
+
+    /// Found by fuzzing: a gzip IDX file whose stream went on past what its header declares
+    /// (300 MiB of zeros in a second gzip member) was decompressed whole into memory before
+    /// the sizes were compared.
+    #[test]
+    fn gzip_data_past_the_declared_size_is_not_decompressed() {
+        let mut file = gz(&idx_images(3, 2, 2, &tiny_pixels()));
+        // A second member: 64 MiB of zeros, compressed to a few dozen kilobytes.
+        file.extend(gz(&vec![0u8; 64 << 20]));
+        let bytes = gunzip(&file, Path::new("x.gz")).unwrap();
+        assert_eq!(bytes.len(), 16 + 12 + 1, "read past the declared size");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bomb-images-idx3-ubyte.gz");
+        std::fs::write(&path, &file).unwrap();
+        let msg = load_err(&path);
+        assert!(
+            msg.contains("bomb-images-idx3-ubyte.gz")
+                && msg.contains(
+                    "corrupt: header says 3 images of 2x2 (12 bytes) but the file holds more pixel data"
+                ),
+            "{msg}"
+        );
+        // A labels file is bounded by its own header.
+        let labels = gz(&[idx_labels(&[1; 100]), vec![0; 1000]].concat());
+        assert_eq!(
+            gunzip(&labels, Path::new("y.gz")).unwrap().len(),
+            8 + 100 + 1
+        );
     }
 
     #[test]

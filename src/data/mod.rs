@@ -11,7 +11,7 @@ mod mnist;
 use crate::{Error, Result};
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageBuffer, Pixel};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where the training images come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,13 +205,26 @@ fn square<P: Pixel + 'static>(
     }
 }
 
-/// Runs `convert` on every item, on all cores, each writing one image into its own slice of
-/// the returned buffer. The first error, in item order, wins.
+/// Runs `convert` on every item, on all cores, each writing one `shape` image into its own
+/// slice of the returned buffer. The first error, in item order, wins. A buffer larger than
+/// the memory available is refused, naming `path`, rather than left to abort the process.
 fn convert_all<T: Sync>(
     items: &[T],
-    image_len: usize,
+    shape: Shape,
+    path: &Path,
     convert: impl Fn(&T, &mut [u8]) -> Result<()> + Sync,
 ) -> Result<Vec<u8>> {
+    let image_len = shape.image_len();
+    let bytes = (items.len() as u64).saturating_mul(image_len as u64);
+    check_memory(path, bytes, crate::train::memory::available(), || {
+        format!(
+            "{} images at {}x{}x{}",
+            items.len(),
+            shape.channels,
+            shape.size,
+            shape.size
+        )
+    })?;
     let mut pixels = vec![0u8; items.len() * image_len];
     if items.is_empty() || image_len == 0 {
         return Ok(pixels);
@@ -237,6 +250,29 @@ fn convert_all<T: Sync>(
             .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
     })?;
     Ok(pixels)
+}
+
+/// Refuses to hold `bytes` (of what `what` says) when more than `available` bytes of memory
+/// are free: the allocation would abort the process instead of failing.
+fn check_memory(
+    path: &Path,
+    bytes: u64,
+    available: Option<f64>,
+    what: impl FnOnce() -> String,
+) -> Result<()> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    match available {
+        Some(available) if bytes as f64 > available => Err(Error::Dataset {
+            path: path.to_path_buf(),
+            msg: format!(
+                "{} take {:.1} GiB, more than the {:.1} GiB of memory available",
+                what(),
+                bytes as f64 / GIB,
+                available / GIB
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The names of classes `0..n`, or the single unlabelled class.
@@ -313,6 +349,22 @@ mod tests {
         let mut third = Vec::new();
         ds.fill_batch(&[3], &mut third);
         assert_eq!(out[1 + 2 * 64..], third[..]);
+    }
+
+    #[test]
+    fn what_does_not_fit_in_memory_is_refused_naming_the_file() {
+        let path = Path::new("/data/train-images-idx3-ubyte.gz");
+        check_memory(path, 1 << 30, Some(2.0 * (1u64 << 30) as f64), String::new).unwrap();
+        check_memory(path, u64::MAX, None, String::new).unwrap();
+        let err = check_memory(path, 3 << 30, Some((1u64 << 30) as f64), || {
+            "60000 images at 3x128x128".into()
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "/data/train-images-idx3-ubyte.gz: 60000 images at 3x128x128 take 3.0 GiB, more than the 1.0 GiB of memory available"
+        );
     }
 
     #[test]

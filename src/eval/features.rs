@@ -421,6 +421,7 @@ fn inspect(session: &Session, options: &FeatureNetOptions) -> Result<Signature, 
             "input '{input}' has {c} channels; only 1 (grey) or 3 (RGB) are supported"
         ));
     }
+    check_input_size(&input, &input_dims)?;
 
     let outputs = session.outputs();
     let names: Vec<&str> = outputs.iter().map(|o| o.name()).collect();
@@ -476,6 +477,29 @@ fn inspect(session: &Session, options: &FeatureNetOptions) -> Result<Signature, 
         input_range,
         kind: meta.custom("sagan.feature_net"),
     })
+}
+
+/// The largest input side a network may declare, and the most values one run padded to a
+/// fixed batch may take: every image is resized to the declared size, so believing a corrupt
+/// one would allocate what it declares.
+const MAX_INPUT_SIDE: usize = 1024;
+const MAX_RUN_VALUES: usize = 1 << 25;
+
+fn check_input_size(input: &str, dims: &[Option<usize>]) -> Result<(), String> {
+    if let Some(side) = dims[2..].iter().flatten().find(|&&d| d > MAX_INPUT_SIDE) {
+        return Err(format!(
+            "input '{input}' declares a side of {side}, more than the {MAX_INPUT_SIDE} images may be resized to"
+        ));
+    }
+    if let Some(batch) = dims[0] {
+        let per_image: usize = dims[1..].iter().map(|d| d.unwrap_or(1)).product();
+        if batch.saturating_mul(per_image) > MAX_RUN_VALUES {
+            return Err(format!(
+                "input '{input}' fixes the batch at {batch}: more than the {MAX_RUN_VALUES} values a run may take"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_range(s: &str) -> Option<(f32, f32)> {
@@ -562,6 +586,20 @@ mod tests {
             resample(&big, (4, 4), (2, 2), Resize::Bilinear),
             [2.5, 4.5, 10.5, 12.5]
         );
+    }
+
+    /// Found by fuzzing: a feature network declaring a huge input (or fixed batch) loaded, and
+    /// its first run resized the images to it, allocating what it declared.
+    #[test]
+    fn declared_inputs_past_the_bounds_are_refused() {
+        let dims = |d: [Option<usize>; 4]| check_input_size("image", &d);
+        dims([None, Some(3), Some(299), Some(299)]).unwrap();
+        dims([Some(64), Some(3), Some(299), Some(299)]).unwrap();
+        dims([Some(4), Some(1), None, None]).unwrap();
+        let err = dims([None, Some(1), Some(1 << 30), Some(28)]).unwrap_err();
+        assert!(err.contains("declares a side of 1073741824"), "{err}");
+        let err = dims([Some(1_000_000_000), Some(1), Some(28), Some(28)]).unwrap_err();
+        assert!(err.contains("fixes the batch at 1000000000"), "{err}");
     }
 
     #[test]

@@ -473,6 +473,18 @@ pub fn load_generator(path: &Path, device: &Device) -> Result<LoadedGenerator> {
         });
     }
     checkpoint::check_siblings(path, &meta)?;
+    // The stored preset says what to build; one that declares far more weights than the file
+    // holds (an edited or corrupt preset) is refused before they are allocated.
+    let stored: usize = tensors.values().map(Tensor::elem_count).sum();
+    let (declared, _) = crate::train::memory::parameter_counts(&meta.model);
+    if declared > 2.0 * stored as f64 {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!(
+                "its preset declares a generator of about {declared:.0} parameters, but the file holds {stored} values: the preset does not match the weights"
+            ),
+        });
+    }
     let varmap = VarMap::new();
     let vb = crate::rng::seeded_var_builder(&varmap, crate::rng::stream(0, 0), device);
     let generator = Generator::new(vb, &meta.model)?;
@@ -684,6 +696,45 @@ mod tests {
     use super::*;
     use crate::config::BUILTIN_PRESETS;
     use crate::rng::{seeded_var_builder, stream};
+
+    /// Found by fuzzing: a generator checkpoint whose stored preset was edited to 2^20
+    /// channels (in range for a preset) aborted the process allocating 16 GiB of weights.
+    #[test]
+    fn a_stored_preset_larger_than_its_weights_is_refused_before_building() {
+        let cfg = ModelConfig::resolve("dcgan-mnist28").unwrap();
+        let varmap = VarMap::new();
+        Generator::new(
+            seeded_var_builder(&varmap, stream(1, 0), &Device::Cpu),
+            &cfg,
+        )
+        .unwrap();
+        let mut huge = cfg.clone();
+        if let crate::config::LayerConfig::ConvTranspose(c) = &mut huge.generator.layers[0] {
+            // Large enough to tell, small enough that a regression fails instead of aborting.
+            c.out = 1 << 14;
+        }
+        huge.validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("generator.safetensors");
+        let meta = Metadata {
+            kind: Kind::Generator,
+            train: crate::config::TrainConfig::default(),
+            model: huge,
+            step: 1,
+            run_id: None,
+        };
+        checkpoint::save(&path, &checkpoint::varmap_tensors(&varmap), &meta).unwrap();
+        let err = load_generator(&path, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with(&path.display().to_string())
+                && err.contains("its preset declares a generator of about")
+                && err.contains("the preset does not match the weights"),
+            "{err}"
+        );
+    }
 
     /// A generator with non-trivial state: SN vectors iterated, BN statistics moved, gammas set.
     fn trained_like(cfg: &ModelConfig) -> Generator {

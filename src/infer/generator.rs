@@ -905,7 +905,7 @@ fn inspect(
         );
     }
 
-    Ok(Signature {
+    let signature = Signature {
         z_input: z_name,
         z_dim,
         class_input,
@@ -914,12 +914,89 @@ fn inspect(
         image_shape,
         attention_outputs: attention.iter().map(|a| a.1.clone()).collect(),
         attention_n: attention.iter().map(|a| a.2).collect(),
-    })
+    };
+    check_sizes(&signature)?;
+    Ok(signature)
+}
+
+/// The largest z size, class count and picture side a file may declare, and the most latent
+/// values one run may take (a fixed batch is padded to): past them the file is corrupt, and
+/// believing it would allocate what it declares.
+const MAX_Z_DIM: usize = 1 << 20;
+const MAX_CLASSES: usize = 1 << 20;
+const MAX_SIDE: usize = 1 << 14;
+const MAX_LATENT_VALUES: usize = 1 << 24;
+
+fn check_sizes(s: &Signature) -> Result<(), String> {
+    if s.z_dim > MAX_Z_DIM {
+        return Err(format!(
+            "declares a z size of {}, more than the {MAX_Z_DIM} a generator may have",
+            s.z_dim
+        ));
+    }
+    if let Some(batch) = s.fixed_batch {
+        if batch.saturating_mul(s.z_dim) > MAX_LATENT_VALUES {
+            return Err(format!(
+                "input '{}' fixes the batch at {batch}: {batch} latents of size {} are more than the {MAX_LATENT_VALUES} values a run may take",
+                s.z_input, s.z_dim
+            ));
+        }
+    }
+    if let Some((name, k)) = s.class_input.as_ref().filter(|c| c.1 > MAX_CLASSES) {
+        return Err(format!(
+            "input '{name}' takes {k} classes, more than {MAX_CLASSES}"
+        ));
+    }
+    let [_, h, w] = s.image_shape;
+    if let Some(side) = [h, w].into_iter().flatten().find(|&d| d > MAX_SIDE) {
+        return Err(format!(
+            "output '{}' declares a picture side of {side}, more than {MAX_SIDE}",
+            s.image_output
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn signature(z_dim: usize, fixed_batch: Option<usize>) -> Signature {
+        Signature {
+            z_input: "z".into(),
+            z_dim,
+            class_input: None,
+            fixed_batch,
+            image_output: "image".into(),
+            image_shape: [Some(1), Some(4), None],
+            attention_outputs: Vec::new(),
+            attention_n: Vec::new(),
+        }
+    }
+
+    /// Found by fuzzing: fixed-batch-generator.onnx with its batch dimension edited to 10^9
+    /// loaded, and generating one image padded the batch to 10^9 latents (a 32 GB allocation,
+    /// an abort); a z size from the metadata was believed the same way.
+    #[test]
+    fn declared_sizes_past_the_bounds_are_refused() {
+        check_sizes(&signature(128, Some(64))).unwrap();
+        check_sizes(&signature(MAX_Z_DIM, None)).unwrap();
+        let err = check_sizes(&signature(8, Some(1_000_000_000))).unwrap_err();
+        assert!(
+            err.starts_with("input 'z' fixes the batch at 1000000000"),
+            "{err}"
+        );
+        let err = check_sizes(&signature(MAX_Z_DIM + 1, None)).unwrap_err();
+        assert!(err.contains("declares a z size of 1048577"), "{err}");
+        let mut big = signature(8, None);
+        big.image_shape[2] = Some(MAX_SIDE + 1);
+        assert!(check_sizes(&big)
+            .unwrap_err()
+            .contains("picture side of 16385"));
+        let mut classes = signature(8, None);
+        classes.class_input = Some(("class".into(), usize::MAX));
+        assert!(check_sizes(&classes).unwrap_err().contains("classes"));
+    }
 
     fn generated(images: Vec<f32>) -> Generated {
         Generated {

@@ -56,7 +56,7 @@ pub enum InferError {
     Environment { path: PathBuf, msg: String },
 
     /// The model file is missing, not ONNX, or not a generator we can drive.
-    #[error("{path}: {msg}")]
+    #[error("{path}: {}", crate::error::one_line(.msg))]
     Model { path: PathBuf, msg: String },
 
     /// The requested execution provider cannot run here.
@@ -69,7 +69,7 @@ pub enum InferError {
     },
 
     /// A run of the model failed, or returned something that does not match its declaration.
-    #[error("{path}: inference failed: {msg}")]
+    #[error("{path}: inference failed: {}", crate::error::one_line(.msg))]
     Run { path: PathBuf, msg: String },
 
     /// An argument out of range (a count of 0, a non-positive truncation, ...).
