@@ -637,6 +637,19 @@ pub fn preset_names() -> Vec<&'static str> {
     BUILTIN_PRESETS.iter().map(|(name, _)| *name).collect()
 }
 
+/// A `--preset` value as given (clap's value parser): a built-in name or a .toml file; the
+/// error lists the built-in names.
+pub fn preset_arg(value: &str) -> std::result::Result<String, String> {
+    if value.ends_with(".toml") || preset_names().contains(&value) {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "unknown preset (built-in: {}; or a .toml file)",
+            preset_names().join(", ")
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
