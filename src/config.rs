@@ -655,6 +655,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn preset_args_are_builtin_names_or_toml_files() {
+        assert_eq!(preset_arg("sagan64"), Ok("sagan64".to_string()));
+        assert_eq!(preset_arg("my.toml"), Ok("my.toml".to_string()));
+        let err = preset_arg("sagan65").unwrap_err();
+        assert!(
+            err.contains("sagan-mnist28") && err.contains(".toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn every_builtin_preset_parses_and_validates() {
         for (name, text) in BUILTIN_PRESETS {
             let cfg = ModelConfig::from_toml(text).unwrap_or_else(|e| panic!("{name}: {e}"));
