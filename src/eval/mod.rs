@@ -8,8 +8,7 @@
 //! - [`score`] computes the Inception score from logits.
 //! - [`cache`] keeps the real images' statistics between runs.
 //! - [`nearest`] finds the real images nearest to generated ones (the memorisation check).
-//! - [`session`] is one sagan-eval invocation (it reads real images with sagan's data loader,
-//!   so it needs the `train` feature).
+//! - [`session`] is one sagan-eval invocation: real images from sagan's data loader.
 //!
 //! Nothing here cares where the real images come from: [`summarise`] asks a closure for them
 //! batch by batch (sagan-eval feeds it from sagan's data loader).
@@ -63,7 +62,6 @@ pub mod features;
 pub mod frechet;
 pub mod nearest;
 pub mod score;
-#[cfg(feature = "train")]
 pub mod session;
 
 pub use features::{FeatureNet, FeatureNetOptions, Features, Resize};

@@ -98,6 +98,9 @@ pub type InferResult<T> = std::result::Result<T, InferError>;
 /// crate's error keeps the message and holds no `ort` value.
 impl From<InferError> for crate::Error {
     fn from(e: InferError) -> Self {
-        crate::Error::Runtime(e.to_string())
+        match e {
+            InferError::Sagan(e) => e,
+            e => crate::Error::Runtime(e.to_string()),
+        }
     }
 }
