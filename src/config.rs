@@ -653,9 +653,33 @@ pub fn preset_names() -> Vec<&'static str> {
     BUILTIN_PRESETS.iter().map(|(name, _)| *name).collect()
 }
 
+/// A `--preset` value as given (clap's value parser): a built-in name or a .toml file; the
+/// error lists the built-in names.
+pub fn preset_arg(value: &str) -> std::result::Result<String, String> {
+    if value.ends_with(".toml") || preset_names().contains(&value) {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "unknown preset (built-in: {}; or a .toml file)",
+            preset_names().join(", ")
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preset_args_are_builtin_names_or_toml_files() {
+        assert_eq!(preset_arg("sagan64"), Ok("sagan64".to_string()));
+        assert_eq!(preset_arg("my.toml"), Ok("my.toml".to_string()));
+        let err = preset_arg("sagan65").unwrap_err();
+        assert!(
+            err.contains("sagan-mnist28") && err.contains(".toml"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn every_builtin_preset_parses_and_validates() {

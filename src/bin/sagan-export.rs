@@ -1,11 +1,9 @@
 //! sagan-export: a generator checkpoint to ONNX, verified against the training graph.
 
-use anyhow::Result;
 use clap::{Parser, ValueEnum};
-use sagan::export::triton::{export_to_repository, ConfigWrite, InstanceKind, ServingOptions};
-use sagan::export::{
-    export_checkpoint, resolve_checkpoint, ExportOptions, ExportReport, Weights, EXPORT_TOLERANCE,
-};
+use sagan::export::session::{self, Request, Target};
+use sagan::export::triton::{InstanceKind, ServingOptions};
+use sagan::export::{ExportOptions, Weights};
 use std::path::PathBuf;
 
 /// Convert a sagan generator checkpoint into an ONNX model any ONNX runtime can serve.
@@ -93,72 +91,44 @@ enum KindArg {
     Cpu,
 }
 
+impl Args {
+    fn request(self) -> Request {
+        Request {
+            checkpoint: self.checkpoint,
+            weights: match self.raw {
+                true => Weights::Raw,
+                false => Weights::Preferred,
+            },
+            options: ExportOptions {
+                attention_maps: self.attention_maps,
+                decompose_conv_transpose: self.decompose_conv_transpose,
+                force: self.force,
+            },
+            target: match self.triton {
+                None => Target::Onnx(self.output),
+                Some(repo) => Target::Triton {
+                    repo,
+                    name: self.name,
+                    serving: ServingOptions {
+                        max_batch: self.max_batch,
+                        instances: self.instances,
+                        kind: match self.kind {
+                            KindArg::Gpu => InstanceKind::Gpu,
+                            KindArg::Cpu => InstanceKind::Cpu,
+                        },
+                        tensorrt: self.tensorrt.then_some(self.trt_fp16),
+                    },
+                },
+            },
+        }
+    }
+}
+
 fn main() {
+    let request = Args::parse().request();
     sagan::logging::init("info", false);
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e:#}");
+    if let Err(e) = session::run(&request) {
+        eprintln!("error: {:#}", anyhow::Error::from(e));
         std::process::exit(1);
     }
-}
-
-fn run(args: Args) -> Result<()> {
-    let weights = if args.raw {
-        Weights::Raw
-    } else {
-        Weights::Preferred
-    };
-    let checkpoint = resolve_checkpoint(args.checkpoint.as_deref(), weights)?;
-    let opts = ExportOptions {
-        attention_maps: args.attention_maps,
-        decompose_conv_transpose: args.decompose_conv_transpose,
-        force: args.force,
-    };
-    let Some(repo) = &args.triton else {
-        print_report(&export_checkpoint(&checkpoint, &args.output, &opts)?);
-        return Ok(());
-    };
-    let serving = ServingOptions {
-        max_batch: args.max_batch,
-        instances: args.instances,
-        kind: match args.kind {
-            KindArg::Gpu => InstanceKind::Gpu,
-            KindArg::Cpu => InstanceKind::Cpu,
-        },
-        tensorrt: args.tensorrt.then_some(args.trt_fp16),
-    };
-    let report = export_to_repository(&checkpoint, repo, args.name.as_deref(), &opts, &serving)?;
-    print_report(&report.export);
-    let config = report.model_dir.join("config.pbtxt");
-    match report.config {
-        ConfigWrite::Created => println!("{}: written", config.display()),
-        ConfigWrite::Replaced => println!(
-            "{}: replaced (unedited since sagan-export wrote it)",
-            config.display()
-        ),
-        ConfigWrite::Unchanged => println!("{}: unchanged", config.display()),
-        ConfigWrite::KeptEdited => println!(
-            "{}: kept as edited (this export's serving flags and metadata are not in it)",
-            config.display()
-        ),
-    }
-    println!(
-        "Triton model '{}' version {}: tritonserver --model-repository {}",
-        report.name,
-        report.version,
-        repo.display()
-    );
-    Ok(())
-}
-
-fn print_report(report: &ExportReport) {
-    println!(
-        "{}: {} at step {} from {} ({} bytes, {} nodes, max |candle - onnx| = {:.2e} <= {EXPORT_TOLERANCE:e})",
-        report.output.display(),
-        report.preset,
-        report.step,
-        report.checkpoint.display(),
-        report.bytes,
-        report.nodes,
-        report.max_abs_diff
-    );
 }

@@ -1,8 +1,7 @@
 //! sagan-train: trains a Self-Attention GAN and writes safetensors checkpoints.
 
-use anyhow::Result;
 use clap::Parser;
-use sagan::config::{preset_names, LossKind, PresetTraining};
+use sagan::config::{preset_arg, LossKind, PresetTraining};
 use sagan::train::session::{self, FidRequest, Request, ScheduleRequest};
 use sagan::train::{cpu, Outcome};
 use std::io::IsTerminal;
@@ -13,30 +12,17 @@ use std::path::PathBuf;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Train a Self-Attention GAN (SAGAN) on the CPU with candle.
-///
-/// With no arguments, trains the `sagan-mnist28` preset on the MNIST digits built into the
-/// binary and writes a run directory under runs/: checkpoints (safetensors), a fixed-z sample
-/// grid and attention maps every --sample-every steps, metrics.jsonl, curves.png (redrawn with
-/// every sample grid) and TensorBoard event files (`tensorboard --logdir runs` shows them).
-///
-/// Examples:
-///   sagan-train                                   # built-in default, about 5 minutes on 2 cores
-///   sagan-train --steps 10000                     # the same, longer
-///   sagan-train --preset sagan64 --data ~/celeba  # any folder of .png/.jpg, sub-folders = classes
-///   sagan-train --resume runs/sagan-mnist28       # continue an interrupted run (Ctrl-C saves one)
-///
-/// One trainer at a time holds a run directory. Checkpoints are written whole or not at all,
-/// hold finite values only, and a resumed run continues bit for bit as if never stopped.
 #[derive(Parser, Debug)]
 #[command(
     name = "sagan-train",
     version,
+    long_about = session::ABOUT,
     verbatim_doc_comment,
     allow_negative_numbers = true
 )]
 struct Args {
     /// Model preset: a built-in name or a .toml file (see models/).
-    #[arg(long, value_parser = preset_value)]
+    #[arg(long, value_parser = preset_arg)]
     preset: Option<String>,
 
     /// Training images: an MNIST IDX file or directory (raw or .gz), or a folder of .png/.jpg
@@ -97,23 +83,8 @@ struct Args {
     #[arg(long)]
     seed: Option<u64>,
 
-    /// Write a sample grid and attention maps every N steps (0: only at the end) [default: 100,
-    /// or the resumed run's].
-    #[arg(long)]
-    sample_every: Option<usize>,
-
-    /// Write a checkpoint every N steps (0: only at the end or on Ctrl-C) [default: 100, or
-    /// the resumed run's].
-    #[arg(long)]
-    checkpoint_every: Option<usize>,
-
-    /// Log metrics every N steps [default: 10, or the resumed run's].
-    #[arg(long)]
-    log_every: Option<usize>,
-
-    /// Keep the newest N checkpoints [default: 3, or the resumed run's].
-    #[arg(long)]
-    keep_last: Option<usize>,
+    #[command(flatten)]
+    schedule: ScheduleRequest,
 
     /// Write no TensorBoard event files (events.out.tfevents.*, by default beside
     /// metrics.jsonl with the metrics, sample grids and attention maps). Applies to this
@@ -125,53 +96,14 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
 
-    /// Compute FID every N steps (0: never), log it to metrics.jsonl and keep the best
-    /// checkpoint in checkpoints/best. Needs ONNX Runtime (tools/install-onnxruntime.sh cpu).
-    #[arg(long, default_value_t = 0)]
-    eval_every: usize,
-
-    /// Generated and real images per FID evaluation.
-    #[arg(long, default_value_t = 2000)]
-    eval_count: usize,
-
-    /// ONNX feature network for FID (outputs `features`, see sagan-eval). Default: the built-in
-    /// MNIST classifier, for greyscale presets.
-    #[arg(long)]
-    feature_net: Option<PathBuf>,
-
-    /// The feature network's output to use [default: features].
-    #[arg(long)]
-    features_output: Option<String>,
-
-    /// The ONNX Runtime library for FID (else $ORT_DYLIB_PATH, .onnxruntime/, the system).
-    #[arg(long)]
-    ort_lib: Option<PathBuf>,
+    #[command(flatten)]
+    fid: FidRequest,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum LossArg {
     Hinge,
     NonSaturating,
-}
-
-impl From<LossArg> for LossKind {
-    fn from(arg: LossArg) -> Self {
-        match arg {
-            LossArg::Hinge => LossKind::Hinge,
-            LossArg::NonSaturating => LossKind::NonSaturating,
-        }
-    }
-}
-
-fn preset_value(value: &str) -> std::result::Result<String, String> {
-    if value.ends_with(".toml") || preset_names().contains(&value) {
-        Ok(value.to_string())
-    } else {
-        Err(format!(
-            "unknown preset (built-in: {}; or a .toml file)",
-            preset_names().join(", ")
-        ))
-    }
 }
 
 impl Args {
@@ -191,22 +123,14 @@ impl Args {
                 n_dis: self.n_dis,
                 ema_decay: self.ema_decay,
             },
-            loss: self.loss.map(Into::into),
+            loss: self.loss.map(|loss| match loss {
+                LossArg::Hinge => LossKind::Hinge,
+                LossArg::NonSaturating => LossKind::NonSaturating,
+            }),
             seed: self.seed,
-            schedule: ScheduleRequest {
-                sample_every: self.sample_every,
-                checkpoint_every: self.checkpoint_every,
-                log_every: self.log_every,
-                keep_last: self.keep_last,
-            },
+            schedule: self.schedule,
             threads: self.threads,
-            fid: FidRequest {
-                every: self.eval_every,
-                count: self.eval_count,
-                feature_net: self.feature_net,
-                features_output: self.features_output,
-                ort_lib: self.ort_lib,
-            },
+            fid: self.fid,
             progress_bar,
             no_tensorboard: self.no_tensorboard,
         }
@@ -216,29 +140,14 @@ impl Args {
 fn main() {
     let progress_bar = std::io::stderr().is_terminal();
     sagan::logging::init("info", true);
-    match run(Args::parse().request(progress_bar)) {
-        Ok(code) => std::process::exit(code),
+    let request = Args::parse().request(progress_bar);
+    cpu::keep_freed_memory();
+    match session::run(&request) {
+        Ok(Outcome::Finished { .. }) => {}
+        Ok(Outcome::Interrupted { .. }) => std::process::exit(130),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {:#}", anyhow::Error::from(e));
             std::process::exit(1);
         }
     }
-}
-
-fn run(request: Request) -> Result<i32> {
-    cpu::keep_freed_memory();
-    let stop = session::stop_on_signals()?;
-    Ok(match session::train(&request, &stop)? {
-        (Outcome::Finished { step }, run) => {
-            tracing::info!("finished at step {step}: {}", run.display());
-            0
-        }
-        (Outcome::Interrupted { step }, run) => {
-            tracing::info!(
-                "interrupted at step {step}; continue with: sagan-train --resume {}",
-                run.display()
-            );
-            130
-        }
-    })
 }

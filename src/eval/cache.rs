@@ -9,6 +9,7 @@
 
 use super::features::{fingerprint, FeatureNet, Resize};
 use super::frechet::Statistics;
+use crate::infer::InferResult;
 use crate::{fsutil, Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -139,6 +140,29 @@ pub fn save(dir: &Path, key: &CacheKey, stats: &Statistics) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The statistics for `key`: from the cache in `dir` when it has them, else computed and
+/// saved there (a file that cannot be written is a warning, not an error). Without a `dir`
+/// they are computed and nothing is read or written.
+pub fn load_or_compute(
+    dir: Option<&Path>,
+    key: &CacheKey,
+    compute: impl FnOnce() -> InferResult<Statistics>,
+) -> InferResult<Statistics> {
+    let Some(dir) = dir else {
+        return compute();
+    };
+    if let Some(stats) = load(dir, key) {
+        tracing::info!("real statistics from the cache in {}", dir.display());
+        return Ok(stats);
+    }
+    let stats = compute()?;
+    match save(dir, key, &stats) {
+        Ok(path) => tracing::info!("cached the real statistics in {}", path.display()),
+        Err(e) => tracing::warn!("could not cache the real statistics: {e}"),
+    }
+    Ok(stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +211,29 @@ mod tests {
         assert_eq!(load(dir.path(), &key()), None);
         std::fs::write(&path, b"garbage").unwrap();
         assert_eq!(load(dir.path(), &key()), None);
+    }
+
+    #[test]
+    fn load_or_compute_computes_once_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let calls = std::cell::Cell::new(0);
+        let compute = || {
+            calls.set(calls.get() + 1);
+            Ok(stats())
+        };
+        assert_eq!(load_or_compute(None, &key(), compute).unwrap(), stats());
+        assert!(!cache.exists(), "no cache dir: nothing written");
+        for _ in 0..2 {
+            let got = load_or_compute(Some(&cache), &key(), compute).unwrap();
+            assert_eq!(got, stats());
+        }
+        assert_eq!(calls.get(), 2, "the second call with the cache reads it");
+        assert!(key().path_in(&cache).is_file());
+        // A cache that cannot be written still gives the statistics.
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, b"").unwrap();
+        let got = load_or_compute(Some(&blocked), &key(), compute).unwrap();
+        assert_eq!((got, calls.get()), (stats(), 3));
     }
 }

@@ -7,6 +7,8 @@
 //! - [`frechet`] accumulates mean and covariance and computes the Frechet distance.
 //! - [`score`] computes the Inception score from logits.
 //! - [`cache`] keeps the real images' statistics between runs.
+//! - [`nearest`] finds the real images nearest to generated ones (the memorisation check).
+//! - [`session`] is one sagan-eval invocation: real images from sagan's data loader.
 //!
 //! Nothing here cares where the real images come from: [`summarise`] asks a closure for them
 //! batch by batch (sagan-eval feeds it from sagan's data loader).
@@ -60,6 +62,7 @@ pub mod features;
 pub mod frechet;
 pub mod nearest;
 pub mod score;
+pub mod session;
 
 pub use features::{FeatureNet, FeatureNetOptions, Features, Resize};
 pub use frechet::{frechet_distance, Statistics, StatsAccumulator};

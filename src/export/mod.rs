@@ -3,6 +3,7 @@
 
 pub mod decompose;
 pub mod graph;
+pub mod session;
 pub mod triton;
 
 use crate::checkpoint::{self, Kind, Metadata, RunDir};

@@ -10,6 +10,8 @@
 //! - [`latent`] draws the latents: bit-compatible with sagan-train's sample grids, with the
 //!   truncation trick and latent interpolation.
 //! - [`bench`] summarises latencies.
+//! - [`sampling`] draws a request's latents and writes its images, batch by batch.
+//! - [`session`] is one sagan-infer invocation, from its flags ([`cli`]) to the written files.
 
 pub mod bench;
 pub mod cli;
@@ -19,6 +21,7 @@ pub mod latent;
 pub mod metadata;
 pub mod runtime;
 pub mod sampling;
+pub mod session;
 
 pub use generator::{Generated, Generator, LoadOptions, Provider, TensorRtOptions, CLASS_INPUT};
 pub use latent::{interpolate, latents, truncated_latents, Interpolation};
@@ -75,6 +78,18 @@ pub enum InferError {
     /// An argument out of range (a count of 0, a non-positive truncation, ...).
     #[error("{0}")]
     Invalid(String),
+
+    /// `error` happened while `doing` something worth naming (e.g. the warm-up runs of a
+    /// benchmark).
+    #[error("{doing}: {error}")]
+    During {
+        doing: &'static str,
+        error: Box<InferError>,
+    },
+
+    /// A failure outside the runtime: reading data, writing images or reports.
+    #[error(transparent)]
+    Sagan(#[from] crate::Error),
 }
 
 pub type InferResult<T> = std::result::Result<T, InferError>;
@@ -83,6 +98,9 @@ pub type InferResult<T> = std::result::Result<T, InferError>;
 /// crate's error keeps the message and holds no `ort` value.
 impl From<InferError> for crate::Error {
     fn from(e: InferError) -> Self {
-        crate::Error::Runtime(e.to_string())
+        match e {
+            InferError::Sagan(e) => e,
+            e => crate::Error::Runtime(e.to_string()),
+        }
     }
 }

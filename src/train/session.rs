@@ -15,6 +15,24 @@ use std::sync::atomic::AtomicBool;
 
 pub const DEFAULT_PRESET: &str = "sagan-mnist28";
 
+/// sagan-train's `--help` description, examples and guarantees.
+pub const ABOUT: &str = "\
+Train a Self-Attention GAN (SAGAN) on the CPU with candle.
+
+With no arguments, trains the `sagan-mnist28` preset on the MNIST digits built into the
+binary and writes a run directory under runs/: checkpoints (safetensors), a fixed-z sample
+grid and attention maps every --sample-every steps, metrics.jsonl, curves.png (redrawn with
+every sample grid) and TensorBoard event files (`tensorboard --logdir runs` shows them).
+
+Examples:
+  sagan-train                                   # built-in default, about 5 minutes on 2 cores
+  sagan-train --steps 10000                     # the same, longer
+  sagan-train --preset sagan64 --data ~/celeba  # any folder of .png/.jpg, sub-folders = classes
+  sagan-train --resume runs/sagan-mnist28       # continue an interrupted run (Ctrl-C saves one)
+
+One trainer at a time holds a run directory. Checkpoints are written whole or not at all,
+hold finite values only, and a resumed run continues bit for bit as if never stopped.";
+
 /// What the user asked for; `None` means "not given" (the preset's or the run's value).
 #[derive(Debug, Clone, Default)]
 pub struct Request {
@@ -35,12 +53,25 @@ pub struct Request {
 }
 
 /// Output schedule flags: a fresh run takes the defaults for those not given, a resumed run its
-/// own stored schedule.
-#[derive(Debug, Clone, Default)]
+/// own stored schedule. `#[command(flatten)]` into sagan-train's arguments.
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct ScheduleRequest {
+    /// Write a sample grid and attention maps every N steps (0: only at the end) [default: 100,
+    /// or the resumed run's].
+    #[arg(long)]
     pub sample_every: Option<usize>,
+
+    /// Write a checkpoint every N steps (0: only at the end or on Ctrl-C) [default: 100, or
+    /// the resumed run's].
+    #[arg(long)]
     pub checkpoint_every: Option<usize>,
+
+    /// Log metrics every N steps [default: 10, or the resumed run's].
+    #[arg(long)]
     pub log_every: Option<usize>,
+
+    /// Keep the newest N checkpoints [default: 3, or the resumed run's].
+    #[arg(long)]
     pub keep_last: Option<usize>,
 }
 
@@ -66,14 +97,29 @@ impl ScheduleRequest {
     }
 }
 
-/// FID during training.
-#[derive(Debug, Clone, Default)]
+/// FID during training: `#[command(flatten)]` into sagan-train's arguments.
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct FidRequest {
-    /// Every N steps; 0 never.
+    /// Compute FID every N steps (0: never), log it to metrics.jsonl and keep the best
+    /// checkpoint in checkpoints/best. Needs ONNX Runtime (tools/install-onnxruntime.sh cpu).
+    #[arg(long = "eval-every", value_name = "EVAL_EVERY", default_value_t = 0)]
     pub every: usize,
+
+    /// Generated and real images per FID evaluation.
+    #[arg(long = "eval-count", value_name = "EVAL_COUNT", default_value_t = 2000)]
     pub count: usize,
+
+    /// ONNX feature network for FID (outputs `features`, see sagan-eval). Default: the built-in
+    /// MNIST classifier, for greyscale presets.
+    #[arg(long)]
     pub feature_net: Option<PathBuf>,
+
+    /// The feature network's output to use [default: features].
+    #[arg(long)]
     pub features_output: Option<String>,
+
+    /// The ONNX Runtime library for FID (else $ORT_DYLIB_PATH, .onnxruntime/, the system).
+    #[arg(long)]
     pub ort_lib: Option<PathBuf>,
 }
 
@@ -110,6 +156,23 @@ impl Request {
             ..d
         }
     }
+}
+
+/// Trains as `request` asks until done or interrupted by a signal (see [`stop_on_signals`]),
+/// and logs how it ended.
+pub fn run(request: &Request) -> Result<Outcome> {
+    let stop = stop_on_signals()?;
+    let (outcome, run) = train(request, &stop)?;
+    match outcome {
+        Outcome::Finished { step } => {
+            tracing::info!("finished at step {step}: {}", run.display())
+        }
+        Outcome::Interrupted { step } => tracing::info!(
+            "interrupted at step {step}; continue with: sagan-train --resume {}",
+            run.display()
+        ),
+    }
+    Ok(outcome)
 }
 
 /// Everything a session trains with, once settled.
