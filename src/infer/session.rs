@@ -6,7 +6,7 @@ use super::bench::LatencySummary;
 use super::cli::{ProviderArgs, TensorRtArgs};
 use super::latent::check_truncation;
 use super::sampling::{prepare_out_dir, Latents, Outputs, Plan, SampleWriter};
-use super::{Generator, InferError, InferResult, Interpolation, Provider, Runtime};
+use super::{Generator, InferError, InferResult, Interpolation, LoadOptions, Provider, Runtime};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -155,7 +155,7 @@ pub fn run(request: &Request) -> InferResult<()> {
     let n = plan.images();
     let mut cpu = match request.compare_cpu {
         true => {
-            let cpu_options = super::LoadOptions {
+            let cpu_options = LoadOptions {
                 provider: Provider::Cpu,
                 fallback_cpu: false,
                 ..options
