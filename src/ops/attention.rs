@@ -12,7 +12,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::matmul::{matmul_on, MatRef};
@@ -120,7 +120,7 @@ fn attention_core_keeping(
 
 /// Whether the fused kernels can run on `x`.
 pub fn supports(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4
+    super::fused_on(x.device()) && x.dtype() == DType::F32 && x.rank() == 4
 }
 
 /// What the op computes, as fixed when it is built.
