@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::Parser;
 use sagan::config::{preset_names, LossKind, PresetTraining};
+use sagan::train::device::DeviceRequest;
 use sagan::train::session::{self, FidRequest, Request, ScheduleRequest};
 use sagan::train::{cpu, Outcome};
 use std::io::IsTerminal;
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Train a Self-Attention GAN (SAGAN) on the CPU with candle.
+/// Train a Self-Attention GAN (SAGAN) with candle, on the CPU or (--device cuda) a GPU.
 ///
 /// With no arguments, trains the `sagan-mnist28` preset on the MNIST digits built into the
 /// binary and writes a run directory under runs/: checkpoints (safetensors), a fixed-z sample
@@ -24,6 +25,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///   sagan-train --steps 10000                     # the same, longer
 ///   sagan-train --preset sagan64 --data ~/celeba  # any folder of .png/.jpg, sub-folders = classes
 ///   sagan-train --resume runs/sagan-mnist28       # continue an interrupted run (Ctrl-C saves one)
+///   sagan-train --preset sagan64 --data ~/celeba --device cuda  # on a GPU (a --features cuda build)
 ///
 /// One trainer at a time holds a run directory. Checkpoints are written whole or not at all,
 /// hold finite values only, and a resumed run continues bit for bit as if never stopped.
@@ -125,6 +127,12 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
 
+    /// Where to train: cpu, cuda (the first GPU) or cuda:N. CUDA needs a binary built with
+    /// `--features cuda` (see docs/gpu-training.md); checkpoints are the same files either way,
+    /// so a run may be resumed on another device.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: DeviceRequest,
+
     /// Compute FID every N steps (0: never), log it to metrics.jsonl and keep the best
     /// checkpoint in checkpoints/best. Needs ONNX Runtime (tools/install-onnxruntime.sh cpu).
     #[arg(long, default_value_t = 0)]
@@ -200,6 +208,7 @@ impl Args {
                 keep_last: self.keep_last,
             },
             threads: self.threads,
+            device: self.device,
             fid: FidRequest {
                 every: self.eval_every,
                 count: self.eval_count,

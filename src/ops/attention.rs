@@ -734,6 +734,7 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::testing::{self, input, max_abs};
+    use candle_core::Device;
     use candle_core::{Var, D};
 
     /// The same computation composed from candle's ops.

@@ -371,7 +371,9 @@ pub fn batch_norm_act(
 ) -> Result<Tensor> {
     let Some(norm) = BatchNormAct::for_training(x, bn, act, leaky_slope, train) else {
         let x = match bias {
-            Some(b) => x.broadcast_add(&per_channel(b, x)?)?,
+            // Detached as in the kernels: through the norm its gradient is zero but for
+            // rounding, which Adam would turn into steps of a full learning rate.
+            Some(b) => x.broadcast_add(&per_channel(&b.detach(), x)?)?,
             None => x.clone(),
         };
         return candle_activation(

@@ -135,6 +135,7 @@ impl CustomOp2 for SoftmaxGrad {
 mod tests {
     use super::*;
     use crate::ops::testing::{input, max_abs, weighted_grad};
+    use candle_core::Device;
     use candle_core::Var;
 
     #[test]

@@ -1,6 +1,7 @@
 //! One sagan-train invocation: a fresh run or a resumed one, set up from the flags, the preset
 //! and what the run directory stores, then trained under the run directory's lock.
 
+use super::device::DeviceRequest;
 use super::fid::FidMonitor;
 use super::manifest::Manifest;
 use super::{cpu, memory, Outcome, Schedule, Trainer};
@@ -28,6 +29,8 @@ pub struct Request {
     pub seed: Option<u64>,
     pub schedule: ScheduleRequest,
     pub threads: Option<usize>,
+    /// Where to train; a resumed run may move to another device.
+    pub device: DeviceRequest,
     pub fid: FidRequest,
     pub progress_bar: bool,
     /// Write no TensorBoard event files in this invocation.
@@ -126,6 +129,8 @@ struct Plan {
 /// run directory.
 pub fn train(request: &Request, stop: &AtomicBool) -> Result<(Outcome, PathBuf)> {
     let threads = cpu::configure(request.threads)?;
+    // Before the run directory is touched: a device that cannot be had changes nothing.
+    let device = request.device.open()?;
     let (plan, _lock) = plan(request)?;
     let Plan {
         model,
@@ -134,7 +139,10 @@ pub fn train(request: &Request, stop: &AtomicBool) -> Result<(Outcome, PathBuf)>
         schedule,
         resume_from,
     } = plan;
-    memory::check_fits(&model, cfg.batch_size)?;
+    // The estimate is of host memory; on a GPU the activations live in the GPU's.
+    if device.is_cpu() {
+        memory::check_fits(&model, cfg.batch_size)?;
+    }
     let source = match &cfg.data {
         Some(path) => DataSource::Path(path.clone()),
         None => DataSource::Builtin,
@@ -146,16 +154,19 @@ pub fn train(request: &Request, stop: &AtomicBool) -> Result<(Outcome, PathBuf)>
         every => Some(fid_monitor(&request.fid, &model, &dataset, every)?),
     };
     tracing::info!(
-        "preset {} | {} steps, batch {}, lr D {} G {}, {:?} loss, {threads} threads | run dir {}",
+        "preset {} | {} steps, batch {}, lr D {} G {}, {:?} loss, {} | run dir {}",
         model.name,
         cfg.steps,
         cfg.batch_size,
         cfg.lr_d,
         cfg.lr_g,
         cfg.loss,
+        match request.device {
+            DeviceRequest::Cpu => format!("{threads} threads"),
+            gpu => gpu.to_string(),
+        },
         run.root().display()
     );
-    let device = candle_core::Device::Cpu;
     let mut trainer = match &resume_from {
         Some(_) => Trainer::resume(model.clone(), cfg, dataset, run.clone(), device)?,
         None => Trainer::new(model.clone(), cfg, dataset, run.clone(), device)?,
