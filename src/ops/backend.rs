@@ -1,6 +1,7 @@
 //! Which implementation the layers' ops take: sagan's fused CPU kernels or candle's own ops.
 
 use std::cell::Cell;
+use std::thread::LocalKey;
 
 use candle_core::Device;
 
@@ -30,13 +31,23 @@ pub fn backend() -> Backend {
 /// Runs `f` with this thread's ops on `backend`, restoring the previous choice after (also when
 /// `f` panics).
 pub fn with_backend<R>(backend: Backend, f: impl FnOnce() -> R) -> R {
-    struct Restore(Backend);
-    impl Drop for Restore {
+    with_cell(&BACKEND, backend, f)
+}
+
+/// Runs `f` with the thread-local `cell` set to `value`, restoring its previous value after
+/// (also when `f` panics).
+pub(crate) fn with_cell<T: Copy + 'static, R>(
+    cell: &'static LocalKey<Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static LocalKey<Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            BACKEND.with(|b| b.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(BACKEND.with(|b| b.replace(backend)));
+    let _restore = Restore(cell, cell.with(|c| c.replace(value)));
     f()
 }
 

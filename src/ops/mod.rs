@@ -32,7 +32,7 @@ pub(crate) mod spectral_norm;
 pub(crate) mod testing;
 
 #[cfg(feature = "train")]
-mod backend;
+pub(crate) mod backend;
 #[cfg(feature = "train")]
 pub(crate) use backend::fused_on;
 #[cfg(feature = "train")]
