@@ -150,16 +150,19 @@ pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Result<Option<String>> 
     Ok(None)
 }
 
-/// Serialises tensors and metadata to `path` atomically.
+/// Serialises tensors and metadata to `path` atomically. Tensors on a GPU are copied to the
+/// CPU first: a checkpoint is the same file whatever device trained it.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &Metadata) -> Result<()> {
-    let bytes = safetensors::tensor::serialize(
-        tensors.iter().map(|(k, t)| (k.as_str(), t)),
-        Some(meta.to_map()),
-    )
-    .map_err(|e| Error::Checkpoint {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })?;
+    let on_cpu = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), t.to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let bytes =
+        safetensors::tensor::serialize(on_cpu.iter().map(|(k, t)| (*k, t)), Some(meta.to_map()))
+            .map_err(|e| Error::Checkpoint {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            })?;
     crate::fsutil::write_atomic(path, &bytes)
 }
 

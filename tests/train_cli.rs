@@ -326,6 +326,31 @@ fn bad_flag_values_are_rejected_before_any_work() {
     train().args(["--steps", "ten"]).assert().failure().code(2);
 }
 
+/// A CUDA build's refusal (no GPU or driver) is a unit test of `train::device`: whether it
+/// refuses depends on the machine.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_device_this_build_cannot_use_is_one_line_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    for device in ["cuda", "cuda:1"] {
+        let err = stderr_of(train().args(["--device", device]).arg("--out").arg(&run));
+        assert_eq!(
+            err.trim(),
+            "error: this build has no CUDA support: rebuild with --features cuda"
+        );
+        assert!(!run.exists(), "--device {device} created the run directory");
+    }
+    train()
+        .args(["--device", "gpu"])
+        .arg("--out")
+        .arg(&run)
+        .assert()
+        .failure()
+        .code(2)
+        .stderr(predicate::str::contains("cpu, cuda or cuda:N"));
+}
+
 #[test]
 fn existing_runs_are_never_overwritten_and_resume_checks_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

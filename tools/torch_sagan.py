@@ -12,7 +12,7 @@ and the EMA of G.
 
 Each command prints one JSON line:
   torch_sagan.py generate --generator G.safetensors --z z.npy --out images.npy
-  torch_sagan.py --threads 2 train --checkpoint STEP_DIR --batch-size 64 --warmup 1 --steps 5
+  torch_sagan.py --threads 2 train --checkpoint STEP_DIR --batch-size 64 --warmup 1 --steps 5 [--device cuda]
   torch_sagan.py --threads 2 infer --generator G.safetensors --batch 64 --warmup 3 --runs 20
   torch_sagan.py --threads 2 fit --preset models/sagan-mnist28.toml --data data/mnist --out DIR
 generate evaluates the network as trained (W / sigma from the stored u and v, batch norm with
@@ -319,7 +319,10 @@ class Trainer:
     layout): D runs on real and fake as two forwards, and D stays in training mode in the G
     step, so each forward through D is one more power iteration of its spectral norms."""
 
-    def __init__(self, g, d, ema, cfg, images, freeze_d=True, plain=False):
+    def __init__(self, g, d, ema, cfg, images, freeze_d=True, plain=False, device="cpu"):
+        self.device = torch.device(device)
+        g, d = g.to(self.device), d.to(self.device)
+        ema = ema.to(self.device) if ema is not None else None
         self.g, self.d, self.ema, self.images = g, d, ema, images
         if cfg["loss"] != "hinge":
             raise SystemExit(f"only the hinge loss is implemented here, not {cfg['loss']}")
@@ -332,13 +335,14 @@ class Trainer:
         self.order, self.cursor = torch.randperm(len(images)), 0
 
     @classmethod
-    def from_checkpoint(cls, step_dir, batch_size, freeze_d=True):
+    def from_checkpoint(cls, step_dir, batch_size, freeze_d=True, device="cpu"):
         g, meta = load(os.path.join(step_dir, "generator.safetensors"))
         d, _ = load(os.path.join(step_dir, "discriminator.safetensors"))
         cfg = dict(json.loads(meta["train"]), batch_size=batch_size)
         ema = load(os.path.join(step_dir, "generator_ema.safetensors"))[0] if cfg["ema_decay"] is not None else None
         preset = json.loads(meta["model"])
-        return cls(g, d, ema, cfg, mnist_images(preset["channels"], preset["image_size"]), freeze_d)
+        images = mnist_images(preset["channels"], preset["image_size"])
+        return cls(g, d, ema, cfg, images, freeze_d, device=device)
 
     def real_batch(self):
         # Epochs of random permutations, as sagan-train draws its batches.
@@ -346,10 +350,10 @@ class Trainer:
             self.order, self.cursor = torch.randperm(len(self.images)), 0
         index = self.order[self.cursor:self.cursor + self.batch_size]
         self.cursor += self.batch_size
-        return self.images[index].float() / 127.5 - 1.0
+        return self.images[index].to(self.device).float() / 127.5 - 1.0
 
     def latents(self):
-        return torch.randn(self.batch_size, self.g.z_dim)
+        return torch.randn(self.batch_size, self.g.z_dim, device=self.device)
 
     def train_step(self):
         b = self.batch_size
@@ -448,7 +452,8 @@ def cmd_generate(args):
 
 
 def cmd_train(args):
-    trainer = Trainer.from_checkpoint(args.checkpoint, args.batch_size, freeze_d=not args.no_freeze_d)
+    trainer = Trainer.from_checkpoint(args.checkpoint, args.batch_size, freeze_d=not args.no_freeze_d,
+                                      device=args.device)
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
@@ -457,7 +462,11 @@ def cmd_train(args):
             times.append(time.perf_counter() - start)
     if not (np.isfinite(d_loss) and np.isfinite(g_loss)):
         raise SystemExit(f"training diverged: d_loss {d_loss}, g_loss {g_loss}")
-    return {"images_per_s": images_per_s(times, args.batch_size), "step_s": times}
+    out = {"images_per_s": images_per_s(times, args.batch_size), "step_s": times, "d_loss": d_loss,
+           "g_loss": g_loss}
+    if trainer.device.type == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
+    return out
 
 
 def cmd_fit(args):
@@ -531,6 +540,8 @@ def main():
     p.add_argument("--no-freeze-d", action="store_true",
                    help="compute (and discard) D's weight gradients in the G step, as "
                         "heykeetae/Self-Attention-GAN does")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (PyTorch eager; losses are "
+                   "read with .item(), which waits for the GPU, so the step times are whole)")
     p.set_defaults(run=cmd_train)
     p = sub.add_parser("fit", help="train an unconditional preset from fresh weights on MNIST, writing sagan "
                                       "checkpoints (generator, generator_ema) that sagan-export reads")

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use sagan::config::{preset_arg, LossKind, PresetTraining};
+use sagan::train::device::DeviceRequest;
 use sagan::train::session::{self, FidRequest, Request, ScheduleRequest};
 use sagan::train::{cpu, Outcome};
 use std::io::IsTerminal;
@@ -96,6 +97,12 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
 
+    /// Where to train: cpu, cuda (the first GPU) or cuda:N. CUDA needs a binary built with
+    /// `--features cuda` (see docs/gpu-training.md); checkpoints are the same files either way,
+    /// so a run may be resumed on another device.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    device: DeviceRequest,
+
     #[command(flatten)]
     fid: FidRequest,
 }
@@ -130,6 +137,7 @@ impl Args {
             seed: self.seed,
             schedule: self.schedule,
             threads: self.threads,
+            device: self.device,
             fid: self.fid,
             progress_bar,
             no_tensorboard: self.no_tensorboard,

@@ -12,7 +12,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::matmul::{matmul_on, MatRef};
@@ -120,7 +120,7 @@ fn attention_core_keeping(
 
 /// Whether the fused kernels can run on `x`.
 pub fn supports(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && x.rank() == 4
+    super::fused_on(x.device()) && x.dtype() == DType::F32 && x.rank() == 4
 }
 
 /// What the op computes, as fixed when it is built.
@@ -734,6 +734,7 @@ pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::testing::{self, input, max_abs};
+    use candle_core::Device;
     use candle_core::{Var, D};
 
     /// The same computation composed from candle's ops.

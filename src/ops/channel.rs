@@ -8,7 +8,7 @@
 //! (ReLU and leaky ReLU with a non-negative slope keep the sign, tanh' = 1 - y^2), so the
 //! pre-activation never has to be kept.
 //!
-//! Only f32 CPU tensors take this path; anything else is composed from candle's ops.
+//! Only f32 CPU tensors under `Backend::Fused` take this path; anything else is composed from candle's ops.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -102,10 +102,7 @@ fn candle_activation(x: &Tensor, act: Activation, leaky_slope: f64) -> Result<Te
 
 /// The fast kernels' domain: non-empty f32 on the CPU with a channel axis.
 fn takes_fast_path(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu)
-        && x.dtype() == DType::F32
-        && x.rank() >= 2
-        && x.elem_count() > 0
+    super::fused_on(x.device()) && x.dtype() == DType::F32 && x.rank() >= 2 && x.elem_count() > 0
 }
 
 /// `[1, C, 1, ...]`: a per-channel vector shaped to broadcast against `x`.
@@ -374,7 +371,9 @@ pub fn batch_norm_act(
 ) -> Result<Tensor> {
     let Some(norm) = BatchNormAct::for_training(x, bn, act, leaky_slope, train) else {
         let x = match bias {
-            Some(b) => x.broadcast_add(&per_channel(b, x)?)?,
+            // Detached as in the kernels: through the norm its gradient is zero but for
+            // rounding, which Adam would turn into steps of a full learning rate.
+            Some(b) => x.broadcast_add(&per_channel(&b.detach(), x)?)?,
             None => x.clone(),
         };
         return candle_activation(

@@ -14,14 +14,7 @@ thread_local! {
 /// whose result is never differentiated, such as the D step's fake batch. Like PyTorch's
 /// `torch.no_grad()`, it holds for the calling thread until `f` returns.
 pub fn without_grad<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            WITHOUT_GRAD.with(|flag| flag.set(self.0));
-        }
-    }
-    let _restore = Restore(WITHOUT_GRAD.with(|flag| flag.replace(true)));
-    f()
+    super::backend::with_cell(&WITHOUT_GRAD, true, f)
 }
 
 /// A parameter as a forward uses it: itself when training, a constant otherwise (and inside

@@ -3,6 +3,11 @@
 //! in-place updates, and the gradient hand-off between them. The layers in `model` call them;
 //! nothing here depends on a layer, a network or a preset. Only `Activation` builds without
 //! the `train` feature: the presets name it.
+//!
+//! Every kernel here has a CPU forward only. Each public function hands tensors it does not take
+//! to candle's own ops (the device-generic path): tensors on another device (CUDA) always, and
+//! CPU tensors too while a thread runs under `Backend::Generic` (see `with_backend`), which is
+//! how the generic path is tested without a GPU.
 
 #[cfg(feature = "train")]
 pub(crate) mod attention;
@@ -25,6 +30,13 @@ pub(crate) mod spectral_norm;
 
 #[cfg(all(test, feature = "train"))]
 pub(crate) mod testing;
+
+#[cfg(feature = "train")]
+pub(crate) mod backend;
+#[cfg(feature = "train")]
+pub(crate) use backend::fused_on;
+#[cfg(feature = "train")]
+pub use backend::{backend, with_backend, Backend};
 
 use serde::{Deserialize, Serialize};
 

@@ -13,7 +13,7 @@ const TASK_ELEMS: usize = 1 << 15;
 
 /// Whether `t` can be updated by these kernels (f32, CPU, contiguous).
 pub fn supported(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
+    super::fused_on(t.device()) && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
 }
 
 /// `acc = keep * acc + (1 - keep) * x` (or `x^2` with `square`), in place. Rounded as

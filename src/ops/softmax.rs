@@ -9,13 +9,13 @@
 use super::cpu::simd::vectorized;
 use super::cpu::storage::f32_slice;
 use super::cpu::vector_math::{exp, lane_dot, lane_max, lane_sum_mut};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Softmax over the last dimension, differentiable. f32 CPU tensors take the fused kernels;
 /// anything else goes to candle's own op.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || x.rank() == 0 {
+    if !super::fused_on(x.device()) || x.dtype() != DType::F32 || x.rank() == 0 {
         return candle_nn::ops::softmax(x, D::Minus1);
     }
     x.contiguous()?.apply_op1(Softmax)
@@ -135,6 +135,7 @@ impl CustomOp2 for SoftmaxGrad {
 mod tests {
     use super::*;
     use crate::ops::testing::{input, max_abs, weighted_grad};
+    use candle_core::Device;
     use candle_core::Var;
 
     #[test]

@@ -7,7 +7,7 @@
 //! a weight-sized tensor). Here the power iteration takes two passes, sigma one, the division
 //! one, and the backward two.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::simd::vectorized;
@@ -23,7 +23,7 @@ const EPS: f64 = 1e-12;
 
 /// Whether these kernels handle `weight`.
 pub fn supports(weight: &Tensor) -> bool {
-    matches!(weight.device(), Device::Cpu) && weight.dtype() == DType::F32 && weight.rank() >= 2
+    super::fused_on(weight.device()) && weight.dtype() == DType::F32 && weight.rank() >= 2
 }
 
 /// One power iteration from `u`: `v = normalize(M^T u)`, `u = normalize(M v)`, returned as

@@ -3,6 +3,7 @@
 
 pub mod adam;
 pub mod cpu;
+pub mod device;
 pub mod ema;
 pub mod fid;
 pub mod loss;
@@ -11,6 +12,9 @@ pub mod memory;
 pub mod metrics;
 pub mod session;
 pub mod tensorboard;
+
+#[cfg(test)]
+mod generic_parity;
 
 use crate::checkpoint::{self, Kind, Metadata, RunDir};
 use crate::config::{ModelConfig, TrainConfig};

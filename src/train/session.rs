@@ -1,6 +1,7 @@
 //! One sagan-train invocation: a fresh run or a resumed one, set up from the flags, the preset
 //! and what the run directory stores, then trained under the run directory's lock.
 
+use super::device::DeviceRequest;
 use super::fid::FidMonitor;
 use super::manifest::Manifest;
 use super::{cpu, memory, Outcome, Schedule, Trainer};
@@ -17,7 +18,7 @@ pub const DEFAULT_PRESET: &str = "sagan-mnist28";
 
 /// sagan-train's `--help` description, examples and guarantees.
 pub const ABOUT: &str = "\
-Train a Self-Attention GAN (SAGAN) on the CPU with candle.
+Train a Self-Attention GAN (SAGAN) with candle, on the CPU or (--device cuda) a GPU.
 
 With no arguments, trains the `sagan-mnist28` preset on the MNIST digits built into the
 binary and writes a run directory under runs/: checkpoints (safetensors), a fixed-z sample
@@ -29,6 +30,7 @@ Examples:
   sagan-train --steps 10000                     # the same, longer
   sagan-train --preset sagan64 --data ~/celeba  # any folder of .png/.jpg, sub-folders = classes
   sagan-train --resume runs/sagan-mnist28       # continue an interrupted run (Ctrl-C saves one)
+  sagan-train --preset sagan64 --data ~/celeba --device cuda  # on a GPU (a --features cuda build)
 
 One trainer at a time holds a run directory. Checkpoints are written whole or not at all,
 hold finite values only, and a resumed run continues bit for bit as if never stopped.";
@@ -46,6 +48,8 @@ pub struct Request {
     pub seed: Option<u64>,
     pub schedule: ScheduleRequest,
     pub threads: Option<usize>,
+    /// Where to train; a resumed run may move to another device.
+    pub device: DeviceRequest,
     pub fid: FidRequest,
     pub progress_bar: bool,
     /// Write no TensorBoard event files in this invocation.
@@ -189,6 +193,8 @@ struct Plan {
 /// run directory.
 pub fn train(request: &Request, stop: &AtomicBool) -> Result<(Outcome, PathBuf)> {
     let threads = cpu::configure(request.threads)?;
+    // Before the run directory is touched: a device that cannot be had changes nothing.
+    let device = request.device.open()?;
     let (plan, _lock) = plan(request)?;
     let Plan {
         model,
@@ -197,7 +203,10 @@ pub fn train(request: &Request, stop: &AtomicBool) -> Result<(Outcome, PathBuf)>
         schedule,
         resume_from,
     } = plan;
-    memory::check_fits(&model, cfg.batch_size)?;
+    // The estimate is of host memory; on a GPU the activations live in the GPU's.
+    if device.is_cpu() {
+        memory::check_fits(&model, cfg.batch_size)?;
+    }
     let source = match &cfg.data {
         Some(path) => DataSource::Path(path.clone()),
         None => DataSource::Builtin,
@@ -209,16 +218,19 @@ pub fn train(request: &Request, stop: &AtomicBool) -> Result<(Outcome, PathBuf)>
         every => Some(fid_monitor(&request.fid, &model, &dataset, every)?),
     };
     tracing::info!(
-        "preset {} | {} steps, batch {}, lr D {} G {}, {:?} loss, {threads} threads | run dir {}",
+        "preset {} | {} steps, batch {}, lr D {} G {}, {:?} loss, {} | run dir {}",
         model.name,
         cfg.steps,
         cfg.batch_size,
         cfg.lr_d,
         cfg.lr_g,
         cfg.loss,
+        match request.device {
+            DeviceRequest::Cpu => format!("{threads} threads"),
+            gpu => gpu.to_string(),
+        },
         run.root().display()
     );
-    let device = candle_core::Device::Cpu;
     let mut trainer = match &resume_from {
         Some(_) => Trainer::resume(model.clone(), cfg, dataset, run.clone(), device)?,
         None => Trainer::new(model.clone(), cfg, dataset, run.clone(), device)?,

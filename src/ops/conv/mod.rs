@@ -30,7 +30,7 @@
 //! well (`winograd`): about half the multiply-adds of im2col + GEMM. Their weight gradients
 //! stay on im2col.
 //!
-//! Only f32 CPU tensors take this path; `conv2d` and `conv_transpose2d` hand anything else to
+//! Only f32 CPU tensors under `Backend::Fused` take this path; `conv2d` and `conv_transpose2d` hand anything else to
 //! candle's own ops.
 //!
 //! This file holds the public functions and their custom ops; `geometry` the shape of one
@@ -175,7 +175,7 @@ pub fn conv_transpose2d_bn_act(
 
 /// The custom kernels only handle f32 on the CPU; other cases keep candle's implementation.
 fn use_fast_path(x: &Tensor, w: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 && w.dtype() == DType::F32
+    super::fused_on(x.device()) && x.dtype() == DType::F32 && w.dtype() == DType::F32
 }
 
 /// Spatial size of a transposed convolution's output, `(len - 1) * stride - 2 * padding + k`.
