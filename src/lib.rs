@@ -12,6 +12,7 @@ pub mod image_io;
 pub mod logging;
 pub mod ops;
 pub mod rng;
+pub mod sysmem;
 
 #[cfg(feature = "train")]
 pub mod checkpoint;

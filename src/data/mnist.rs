@@ -135,7 +135,7 @@ fn gunzip(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
     let declared = declared_len(&out);
     // Its size is not known until it is decompressed: refuse what could not be held anyway.
     if let Some(n) = declared {
-        check_memory(path, n, crate::train::memory::available(), || {
+        check_memory(path, n, crate::sysmem::available(), || {
             "the sizes its header declares".into()
         })?;
     }

@@ -216,7 +216,7 @@ fn convert_all<T: Sync>(
 ) -> Result<Vec<u8>> {
     let image_len = shape.image_len();
     let bytes = (items.len() as u64).saturating_mul(image_len as u64);
-    check_memory(path, bytes, crate::train::memory::available(), || {
+    check_memory(path, bytes, crate::sysmem::available(), || {
         format!(
             "{} images at {}x{}x{}",
             items.len(),

@@ -116,28 +116,7 @@ pub fn parameter_counts(model: &ModelConfig) -> (f64, f64) {
     )
 }
 
-/// Memory this process can still take: the system's available memory, bounded by a cgroup
-/// limit when there is one. None where it cannot be read.
-pub fn available() -> Option<f64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: f64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let mut bytes = kib * 1024.0;
-    let read = |p: &str| -> Option<f64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
-    if let (Some(max), Some(current)) = (
-        read("/sys/fs/cgroup/memory.max"),
-        read("/sys/fs/cgroup/memory.current"),
-    ) {
-        bytes = bytes.min((max - current).max(0.0));
-    }
-    Some(bytes)
-}
+pub use crate::sysmem::available;
 
 /// Refuses a model and batch whose estimate exceeds the memory available.
 pub fn check_fits(model: &ModelConfig, batch: usize) -> Result<()> {
