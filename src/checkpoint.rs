@@ -225,6 +225,12 @@ pub fn check_siblings(path: &Path, meta: &Metadata) -> Result<()> {
                 path.file_name().unwrap_or_default().to_string_lossy()
             ),
         };
+        if theirs.model != meta.model {
+            return Err(mismatch(format!(
+                "holds another preset ({}, not {})",
+                theirs.model.name, meta.model.name
+            )));
+        }
         if theirs.run_id != meta.run_id {
             return Err(mismatch(format!(
                 "comes from another run (run id {}, not {})",
@@ -236,12 +242,6 @@ pub fn check_siblings(path: &Path, meta: &Metadata) -> Result<()> {
             return Err(mismatch(format!(
                 "holds another step ({}, not {})",
                 theirs.step, meta.step
-            )));
-        }
-        if theirs.model != meta.model {
-            return Err(mismatch(format!(
-                "holds another preset ({}, not {})",
-                theirs.model.name, meta.model.name
             )));
         }
     }

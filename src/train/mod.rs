@@ -239,26 +239,27 @@ impl Trainer {
         })?;
         let mut trainer = Self::new(model_cfg, cfg, dataset, run, device)?;
         let dir = trainer.run.step_dir(step);
+        // The generator's metadata must be this run's; checkpoint::check_siblings holds the
+        // other files of the step to the same run id, step and preset.
         let generator_path = dir.join(Kind::Generator.file_name());
-        let run_id = checkpoint::read_metadata(&generator_path)?.run_id;
+        let generator_meta = checkpoint::read_metadata(&generator_path)?;
+        let mismatch = |path: &std::path::Path, what: &str| Error::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("{what} differs from the run's"),
+        };
+        if generator_meta.model != trainer.model_cfg {
+            return Err(mismatch(&generator_path, "its preset"));
+        }
+        if generator_meta.step != step {
+            return Err(mismatch(&generator_path, "its step"));
+        }
+        checkpoint::check_siblings(&generator_path, &generator_meta)?;
+        let run_id = generator_meta.run_id;
         let load = |kind: Kind| -> Result<_> {
             let path = dir.join(kind.file_name());
             let (tensors, meta) = checkpoint::load(&path, &trainer.device)?;
-            let mismatch = |what: &str| Error::Checkpoint {
-                path: path.clone(),
-                msg: format!("{what} differs from the run's other checkpoint files"),
-            };
             if meta.kind != kind {
-                return Err(mismatch("its kind"));
-            }
-            if meta.model != trainer.model_cfg {
-                return Err(mismatch("its preset"));
-            }
-            if meta.step != step {
-                return Err(mismatch("its step"));
-            }
-            if meta.run_id != run_id {
-                return Err(mismatch("its run id"));
+                return Err(mismatch(&path, "its kind"));
             }
             Ok((tensors, path))
         };
