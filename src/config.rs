@@ -144,6 +144,8 @@ pub enum WeightInit {
     Normal,
     /// Glorot uniform weights, zero biases: the official TensorFlow SAGAN's.
     Xavier,
+    /// Orthogonal weights (rows or columns orthonormal), PyTorch's default biases: BigGAN's.
+    Orthogonal,
 }
 
 /// Training settings a preset may carry; `sagan-train`'s flags override them, and what neither

@@ -2,16 +2,20 @@
 """Learning speed per step, over seeds: sagan against a plain PyTorch SAGAN of the same model,
 sagan's initialisations and settings, and SAGAN against its no-attention baseline (DCGAN).
 
-Every arm trains on full MNIST (tools/fetch-mnist.sh) with batch 64, one thread per run, two
-runs at a time; each checkpoint's generator (EMA, and the raw weights with --raw) is exported
-to ONNX and scored by sagan-eval (FID of 10,000 samples against 10,000 training digits in the
-built-in MNIST classifier's features; lower is better).
+Every arm trains on full MNIST (tools/fetch-mnist.sh) or, the -fashion arms, on Fashion-MNIST
+(tools/fetch-fashion-mnist.py), with batch 64, one thread per run, two runs at a time; each
+checkpoint's generator (EMA, and the raw weights with --raw) is exported to ONNX and scored by
+sagan-eval: FID of 10,000 samples against 10,000 training images in the features of the built-in
+MNIST classifier, or for Fashion-MNIST of the same MLP trained on it
+(tools/train_mnist_classifier.py --name fashion-classifier, trained on first use into
+runs/fashion/). Lower is better.
 
   tools/experiment-quality.py run [--steps 2000] [--every 500] [--seeds 1,2,3] ARM...
   tools/experiment-quality.py table [--compact] [ARM...]   # mean, spread and every seed per step
 
 Arms (see ARMS below): the paper's settings (G at 1e-4) in sagan and in PyTorch, with each
-initialisation; G at D's rate (4e-4) for SAGAN, DCGAN and PyTorch; all at batch 64. Results: runs/experiment-quality/ARM/seedS/
+initialisation; G at D's rate (4e-4) for SAGAN, DCGAN and PyTorch, and for SAGAN and DCGAN on
+Fashion-MNIST; all at batch 64. Results: runs/experiment-quality/ARM/seedS/
 (checkpoints, fid.json); `table` prints markdown. A run whose fid.json is complete is skipped.
 The PyTorch arms need torch, numpy and safetensors (tools/bench.sh installs them into
 .bench-venv; SAGAN_TORCH_PYTHON names another interpreter).
@@ -33,22 +37,48 @@ BIN = os.environ.get("SAGAN_BIN", os.path.join(ROOT, "target/release"))
 PAPER = ["--lr-g", "1e-4", "--batch-size", "64"]  # the paper's two time-scale rule (D 4e-4, G 1e-4)
 FAST_G = ["--lr-g", "4e-4", "--batch-size", "64"]  # G at D's rate
 
-# arm: (trainer, preset, extra arguments, preset edits as (text, replacement))
+XAVIER = [("init = \"pytorch\"", "init = \"xavier\"")]
+ORTHOGONAL = [("init = \"pytorch\"", "init = \"orthogonal\"")]
+
+# arm: (trainer, preset, extra arguments, preset edits as (text, replacement), dataset)
 ARMS = {
-    "sagan-paper": ("sagan", "sagan-mnist28", PAPER, []),
-    "torch-paper": ("torch", "sagan-mnist28", PAPER + ["--init", "pytorch"], []),
-    "sagan-normal-init": ("sagan", "sagan-mnist28", PAPER, [("init = \"pytorch\"", "init = \"normal\"")]),
-    "torch-normal-init": ("torch", "sagan-mnist28", PAPER + ["--init", "normal"], []),
-    "torch-xavier-init": ("torch", "sagan-mnist28", PAPER + ["--init", "xavier"], []),
-    "torch-orthogonal-init": ("torch", "sagan-mnist28", PAPER + ["--init", "orthogonal"], []),
-    "sagan-fast-g": ("sagan", "sagan-mnist28", FAST_G, []),
-    "dcgan-fast-g": ("sagan", "dcgan-mnist28", FAST_G, []),
-    "torch-fast-g": ("torch", "sagan-mnist28", FAST_G + ["--init", "pytorch"], []),
+    "sagan-paper": ("sagan", "sagan-mnist28", PAPER, [], "mnist"),
+    "torch-paper": ("torch", "sagan-mnist28", PAPER + ["--init", "pytorch"], [], "mnist"),
+    "sagan-normal-init": ("sagan", "sagan-mnist28", PAPER, [("init = \"pytorch\"", "init = \"normal\"")], "mnist"),
+    "sagan-xavier-init": ("sagan", "sagan-mnist28", PAPER, XAVIER, "mnist"),
+    "sagan-orthogonal-init": ("sagan", "sagan-mnist28", PAPER, ORTHOGONAL, "mnist"),
+    "torch-normal-init": ("torch", "sagan-mnist28", PAPER + ["--init", "normal"], [], "mnist"),
+    "torch-xavier-init": ("torch", "sagan-mnist28", PAPER + ["--init", "xavier"], [], "mnist"),
+    "torch-orthogonal-init": ("torch", "sagan-mnist28", PAPER + ["--init", "orthogonal"], [], "mnist"),
+    "sagan-fast-g": ("sagan", "sagan-mnist28", FAST_G, [], "mnist"),
+    "dcgan-fast-g": ("sagan", "dcgan-mnist28", FAST_G, [], "mnist"),
+    "torch-fast-g": ("torch", "sagan-mnist28", FAST_G + ["--init", "pytorch"], [], "mnist"),
+    "sagan-fashion": ("sagan", "sagan-mnist28", FAST_G, [], "fashion"),
+    "dcgan-fashion": ("sagan", "dcgan-mnist28", FAST_G, [], "fashion"),
+}
+
+# dataset: (data folder, feature network for the FID (None: sagan-eval's built-in MNIST one))
+DATASETS = {
+    "mnist": (DATA, None),
+    "fashion": (os.path.join(ROOT, "data/fashion-mnist"), os.path.join(ROOT, "runs/fashion/fashion-classifier.onnx")),
 }
 
 
+def prepare(dataset):
+    """Fetches a dataset (and trains its feature network) unless already there."""
+    data, net = DATASETS[dataset]
+    if not os.path.exists(os.path.join(data, "train-images-idx3-ubyte.gz")):
+        fetch = "tools/fetch-mnist.sh" if dataset == "mnist" else "tools/fetch-fashion-mnist.py"
+        subprocess.run([os.path.join(ROOT, fetch), data], check=True)
+    if net and not os.path.exists(net):
+        python = os.environ.get("SAGAN_PYTHON", os.path.join(ROOT, ".venv/bin/python"))
+        subprocess.run([python, os.path.join(ROOT, "tools/train_mnist_classifier.py"), "--data", data,
+                        "--out", os.path.dirname(net), "--name", os.path.basename(net).removesuffix(".onnx")],
+                       check=True)
+
+
 def preset_file(arm, run_dir):
-    _, preset, _, edits = ARMS[arm]
+    _, preset, _, edits, _ = ARMS[arm]
     text = open(os.path.join(ROOT, "models", preset + ".toml")).read()
     for old, new in edits:
         if old not in text:
@@ -61,7 +91,8 @@ def preset_file(arm, run_dir):
 
 
 def train(arm, seed, steps, every):
-    trainer, _, extra, _ = ARMS[arm]
+    trainer, _, extra, _, dataset = ARMS[arm]
+    data = DATASETS[dataset][0]
     run_dir = os.path.join(OUT, arm, f"seed{seed}")
     os.makedirs(run_dir, exist_ok=True)
     preset = preset_file(arm, run_dir)
@@ -76,7 +107,7 @@ def train(arm, seed, steps, every):
         if os.path.isdir(ckpts) and os.listdir(ckpts):  # an interrupted run goes on, bit-identical
             cmd = [os.path.join(BIN, "sagan-train"), "--resume", out] + schedule
         else:
-            cmd = [os.path.join(BIN, "sagan-train"), "--preset", preset, "--data", DATA, "--seed", str(seed),
+            cmd = [os.path.join(BIN, "sagan-train"), "--preset", preset, "--data", data, "--seed", str(seed),
                    "--out", out] + schedule + extra
         env = dict(os.environ, RUST_LOG="warn")
     else:
@@ -84,14 +115,14 @@ def train(arm, seed, steps, every):
         shutil.rmtree(out, ignore_errors=True)  # no optimizer state is saved: start over
         saves = ",".join(str(s) for s in range(every, steps + 1, every))
         cmd = [python, os.path.join(ROOT, "tools/torch_sagan.py"), "--threads", "1", "fit", "--preset", preset,
-               "--data", DATA, "--steps", str(steps), "--save", saves, "--seed", str(seed), "--plain",
+               "--data", data, "--steps", str(steps), "--save", saves, "--seed", str(seed), "--plain",
                "--out", out] + extra
         env = dict(os.environ)
     subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     return run_dir
 
 
-def evaluate(run_dir, raw):
+def evaluate(arm, run_dir, raw):
     """FID of every checkpoint's EMA (and raw) generator, into run_dir/fid.json."""
     path = os.path.join(run_dir, "fid.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
@@ -107,8 +138,10 @@ def evaluate(run_dir, raw):
             report = os.path.join(run_dir, f"step-{step}-{weights}.json")
             subprocess.run([os.path.join(BIN, "sagan-export"), onnx, "--checkpoint",
                             os.path.join(ckpts, step_dir, name)], check=True, capture_output=True)
-            subprocess.run([os.path.join(BIN, "sagan-eval"), "--model", onnx, "--data", DATA, "--count", "10000",
-                            "--threads", "1", "--json", report], check=True, capture_output=True)
+            data, net = DATASETS[ARMS[arm][4]]
+            subprocess.run([os.path.join(BIN, "sagan-eval"), "--model", onnx, "--data", data, "--count", "10000",
+                            "--threads", "1", "--json", report] + (["--feature-net", net] if net else []),
+                           check=True, capture_output=True)
             results[key] = json.load(open(report))["fid"]
             os.remove(onnx)
             with open(path + ".tmp", "w") as f:
@@ -122,7 +155,7 @@ def cmd_run(args):
 
     def job(arm, seed):
         run_dir = train(arm, seed, args.steps, args.every)
-        evaluate(run_dir, args.raw)
+        evaluate(arm, run_dir, args.raw)
         print(f"{arm} seed {seed}: done", flush=True)
 
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
@@ -179,8 +212,9 @@ def main():
     p.add_argument("--compact", action="store_true", help="steps down, arms across, mean +- sd")
     p.set_defaults(run=cmd_table)
     args = parser.parse_args()
-    if args.command == "run" and not os.path.exists(os.path.join(DATA, "train-images-idx3-ubyte.gz")):
-        subprocess.run([os.path.join(ROOT, "tools/fetch-mnist.sh"), DATA], check=True)
+    if args.command == "run":
+        for dataset in sorted({ARMS[arm][4] for arm in args.arms}):
+            prepare(dataset)
     args.run(args)
 
 

@@ -16,8 +16,8 @@ FID needs features that separate digit shapes, not a record accuracy.
 The ONNX file (opset 17, IR 8) takes `image` float32 [batch, 1, 28, 28] in [-1, 1] (sagan's
 value range: pixel / 127.5 - 1) and returns `features` float32 [batch, 128] (the second hidden
 layer, after ReLU: the Frechet distance is computed on these) and `logits` float32 [batch, 10]
-(the Inception-style score uses their softmax). Written: OUT/mnist-classifier.onnx and
-OUT/mnist-classifier.md.
+(the Inception-style score uses their softmax). Written: OUT/NAME.onnx and OUT/NAME.md
+(NAME: --name, default mnist-classifier; `--data data/fashion-mnist --name fashion-classifier` gives the Fashion-MNIST network the experiments use).
 """
 
 import argparse
@@ -201,9 +201,9 @@ def check_parity(params, path, x):
         sys.exit(f"error: onnxruntime disagrees with numpy by {diff}")
 
 
-def write_card(path, test_accuracy, epochs, size):
+def write_card(path, name, data, train_count, test_accuracy, epochs, size):
     with open(path, "w") as f:
-        f.write(f"""# mnist-classifier.onnx
+        f.write(f"""# {name}.onnx
 
 The default feature network of `sagan-eval` for 1x28x28 data (MNIST-like digits): a numpy-trained
 MLP 784-256-128-10 with ReLU.
@@ -216,8 +216,8 @@ MLP 784-256-128-10 with ReLU.
   `sagan.test_accuracy` = `{test_accuracy:.4f}`.
 - ONNX opset {OPSET}, IR version {IR_VERSION}; {size} bytes.
 
-Trained on the 60000 MNIST training digits ({epochs} epochs, Adam, batch 128, cosine learning
-rate decay, seed {SEED}). Test accuracy on the 10000 t10k digits: **{100 * test_accuracy:.2f}%**.
+Trained on the {train_count} training images of `{data}` ({epochs} epochs, Adam, batch 128, cosine learning
+rate decay, seed {SEED}). Test accuracy on its t10k images: **{100 * test_accuracy:.2f}%**.
 
 FID values computed with this network are only comparable with other values computed with the
 same network: they are not the Inception-v3 FID that papers report.
@@ -242,6 +242,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="folder with the MNIST IDX files (tools/fetch-mnist.sh)")
     parser.add_argument("--out", default="fixtures", help="output folder (default: fixtures)")
+    parser.add_argument("--name", default="mnist-classifier",
+                        help="file names: OUT/NAME.onnx and OUT/NAME.md (default: mnist-classifier)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -249,18 +251,19 @@ def main():
 
     x_train, y_train = load(args.data, "train")
     x_test, y_test = load(args.data, "t10k")
-    print(f"MNIST: {len(x_train)} training, {len(x_test)} test digits")
+    print(f"{args.data}: {len(x_train)} training, {len(x_test)} test images")
     params = train(x_train, y_train, args.epochs, args.batch, args.lr)
     test_accuracy = accuracy(params, x_test, y_test)
     print(f"test accuracy: {100 * test_accuracy:.2f}%")
 
     os.makedirs(args.out, exist_ok=True)
-    onnx_path = os.path.join(args.out, "mnist-classifier.onnx")
+    onnx_path = os.path.join(args.out, args.name + ".onnx")
     export(params, test_accuracy, onnx_path)
     check_parity(params, onnx_path, x_test[:256])
     size = os.path.getsize(onnx_path)
-    write_card(os.path.join(args.out, "mnist-classifier.md"), test_accuracy, args.epochs, size)
-    print(f"wrote {onnx_path} ({size} bytes) and mnist-classifier.md")
+    write_card(os.path.join(args.out, args.name + ".md"), args.name, args.data, len(x_train), test_accuracy,
+               args.epochs, size)
+    print(f"wrote {onnx_path} ({size} bytes) and {args.name}.md")
 
 
 if __name__ == "__main__":

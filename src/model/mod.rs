@@ -5,6 +5,7 @@ pub mod attention;
 pub mod conditional;
 pub mod discriminator;
 pub mod generator;
+mod init;
 pub mod resnet;
 pub mod spectral_norm;
 

@@ -5,6 +5,7 @@
 //! and v are variables of the VarMap (saved in checkpoints, never given gradients): one power
 //! iteration per training forward refines them; evaluation uses them as stored.
 
+use super::init;
 use crate::config::{Activation, WeightInit};
 use crate::ops;
 use candle_core::{Module, ModuleT, Result, Tensor, Var};
@@ -148,28 +149,6 @@ pub struct SNConv2d {
     padding: usize,
 }
 
-/// The initial distributions of a weight of `shape` (output or input units first, then the
-/// kernel) and of its bias, under `init`. Fans are counted as PyTorch counts them.
-fn init_hints(init: WeightInit, shape: &[usize]) -> (Init, Init) {
-    let area: usize = shape[2..].iter().product();
-    let (fan_in, fan_out) = ((shape[1] * area) as f64, (shape[0] * area) as f64);
-    let uniform = |bound: f64| Init::Uniform {
-        lo: -bound,
-        up: bound,
-    };
-    match init {
-        WeightInit::Pytorch => (uniform(fan_in.powf(-0.5)), uniform(fan_in.powf(-0.5))),
-        WeightInit::Normal => (
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-            Init::Const(0.0),
-        ),
-        WeightInit::Xavier => (uniform((6.0 / (fan_in + fan_out)).sqrt()), Init::Const(0.0)),
-    }
-}
-
 impl SNConv2d {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -186,8 +165,7 @@ impl SNConv2d {
             ConvKind::Conv => ([out_channels, in_channels, kernel, kernel], 0),
             ConvKind::Transpose => ([in_channels, out_channels, kernel, kernel], 1),
         };
-        let (weight_init, bias_init) = init_hints(init, &shape);
-        let weight = vb.get_with_hints(shape.to_vec(), "weight", weight_init)?;
+        let (weight, bias_init) = init::weight(&vb, &shape, init)?;
         let sn = SpectralNorm::new(weight, out_axis, &vb, "weight")?;
         let bias = vb.get_with_hints(out_channels, "bias", bias_init)?;
         Ok(Self {
@@ -297,8 +275,7 @@ impl SNLinear {
         out_features: usize,
         init: WeightInit,
     ) -> Result<Self> {
-        let (weight_init, bias_init) = init_hints(init, &[out_features, in_features]);
-        let weight = vb.get_with_hints((out_features, in_features), "weight", weight_init)?;
+        let (weight, bias_init) = init::weight(&vb, &[out_features, in_features], init)?;
         let sn = SpectralNorm::new(weight, 0, &vb, "weight")?;
         let bias = vb.get_with_hints(out_features, "bias", bias_init)?;
         Ok(Self { sn, bias })
@@ -345,30 +322,6 @@ mod tests {
             sigma = norm.sqrt();
         }
         sigma as f32
-    }
-
-    fn bounds(init: Init) -> (f64, f64) {
-        match init {
-            Init::Uniform { lo, up } => (lo, up),
-            other => panic!("not uniform: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn pytorch_init_counts_fan_in_as_pytorch_does() {
-        // Conv [out 8, in 4, 3, 3]: fan_in = 4 * 9; transposed [in 4, out 8, 3, 3]: 8 * 9, the
-        // out channels (PyTorch reads dimension 1 whatever the layer).
-        let (w, b) = init_hints(WeightInit::Pytorch, &[8, 4, 3, 3]);
-        assert_eq!(bounds(w), (-1.0 / 6.0, 1.0 / 6.0));
-        assert_eq!(bounds(b), bounds(w));
-        let (w, _) = init_hints(WeightInit::Pytorch, &[4, 8, 3, 3]);
-        assert!((bounds(w).1 - 1.0 / 72f64.sqrt()).abs() < 1e-12);
-        let (w, b) = init_hints(WeightInit::Xavier, &[8, 4, 3, 3]);
-        assert!((bounds(w).1 - (6.0 / 108.0f64).sqrt()).abs() < 1e-12);
-        assert!(matches!(b, Init::Const(0.0)));
-        let (w, b) = init_hints(WeightInit::Normal, &[3, 5]);
-        assert!(matches!(w, Init::Randn { stdev, .. } if stdev == 0.02));
-        assert!(matches!(b, Init::Const(0.0)));
     }
 
     #[test]
