@@ -107,7 +107,9 @@ mod cuda_probe {
     pub(super) fn library(lib: &str, known_as: &str) -> Result<(), String> {
         // SAFETY: the CUDA libraries have no initialisers with preconditions.
         let loads = |name: &String| unsafe { libloading::Library::new(name) };
-        if candidates(lib).iter().any(|name| loads(name).is_ok()) {
+        if let Some(found) = candidates(lib).iter().find_map(|name| loads(name).ok()) {
+            // Left loaded: cudarc opens it next.
+            std::mem::forget(found);
             return Ok(());
         }
         let soname = format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}.{MAJOR}");
