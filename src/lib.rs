@@ -5,6 +5,8 @@
 //! presets (`config`) and datasets (`data`) need no candle.
 
 pub mod config;
+#[cfg(feature = "infer")]
+pub mod cuda_driver;
 pub mod data;
 pub mod error;
 pub mod fsutil;

@@ -18,9 +18,10 @@
 //! folder of `.so` files, a site-packages folder or a `.onnxruntime/gpu` install.
 
 use super::generator::Provider;
-use std::ffi::{c_char, c_int, c_uint, CStr};
+pub use crate::cuda_driver::NO_DEVICE;
+use crate::cuda_driver::{loader_reason, Driver, DRIVER};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 /// The environment variable that names library folders when `--cuda-libs` is not given.
 pub const SAGAN_CUDA_LIBS: &str = "SAGAN_CUDA_LIBS";
@@ -35,11 +36,6 @@ const TENSORRT_OPTIONAL_PREFIXES: &[&str] = &[
     "libnvinfer_builder_resource.so.10",
     "libnvinfer_plugin.so.10",
 ];
-
-/// The driver's library: only an NVIDIA driver install provides it.
-const DRIVER: &str = "libcuda.so.1";
-/// How every error about the device begins.
-pub const NO_DEVICE: &str = "no CUDA-capable device";
 
 /// Where to look for the GPU libraries (see the module documentation for the order).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -259,14 +255,6 @@ fn companions(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
     out
 }
 
-/// The loader's own words (`dlerror`) without libloading's prefix.
-fn loader_reason(e: &libloading::Error) -> String {
-    match std::error::Error::source(e) {
-        Some(reason) => reason.to_string(),
-        None => e.to_string(),
-    }
-}
-
 /// The site-packages folders of the active Python environments, then of `python3`.
 fn python_site_packages() -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -302,83 +290,15 @@ fn python_site_packages() -> Vec<PathBuf> {
     out
 }
 
-/// `CUresult` of the driver API.
-type CuResult = c_int;
-const CUDA_SUCCESS: CuResult = 0;
-
 /// Asks the driver whether device `device_id` exists and can run CUDA 13, so that a machine
 /// without one gets "no CUDA-capable device" rather than whatever ONNX Runtime meets first.
 fn probe_driver(device_id: i32) -> Result<(), String> {
-    // Loaded once and kept: ONNX Runtime's CUDA provider links the same library.
-    static DRIVER_LIBRARY: OnceLock<Result<libloading::Library, String>> = OnceLock::new();
-    let driver = DRIVER_LIBRARY
-        .get_or_init(|| {
-            // SAFETY: the NVIDIA driver's library has no initialisers with preconditions.
-            unsafe { libloading::Library::new(DRIVER) }.map_err(|e| {
-                format!(
-                    "{NO_DEVICE}: the NVIDIA driver is not installed ({})",
-                    loader_reason(&e)
-                )
-            })
-        })
-        .as_ref()
-        .map_err(Clone::clone)?;
-    // SAFETY: the signatures are those of the CUDA driver API (cuda.h), stable since CUDA 2.
-    unsafe {
-        let symbol_error = |e: libloading::Error| format!("{DRIVER}: {e}");
-        let init: libloading::Symbol<unsafe extern "C" fn(c_uint) -> CuResult> =
-            driver.get(b"cuInit\0").map_err(symbol_error)?;
-        let version: libloading::Symbol<unsafe extern "C" fn(*mut c_int) -> CuResult> =
-            driver.get(b"cuDriverGetVersion\0").map_err(symbol_error)?;
-        let count: libloading::Symbol<unsafe extern "C" fn(*mut c_int) -> CuResult> =
-            driver.get(b"cuDeviceGetCount\0").map_err(symbol_error)?;
-        let error_string: libloading::Symbol<
-            unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
-        > = driver.get(b"cuGetErrorString\0").map_err(symbol_error)?;
-        // "no CUDA-capable device is detected (CUDA error 100)", or the driver's other reasons
-        // behind "no CUDA-capable device: ".
-        let failed = |code: CuResult| {
-            let mut text: *const c_char = std::ptr::null();
-            let text = if error_string(code, &mut text) == CUDA_SUCCESS && !text.is_null() {
-                format!(
-                    "{} (CUDA error {code})",
-                    CStr::from_ptr(text).to_string_lossy()
-                )
-            } else {
-                format!("CUDA error {code}")
-            };
-            if text.starts_with(NO_DEVICE) {
-                text
-            } else {
-                format!("{NO_DEVICE}: the driver says {text}")
-            }
-        };
-        let mut driver_version = 0;
-        if version(&mut driver_version) == CUDA_SUCCESS && driver_version < 13000 {
-            return Err(format!(
-                "the NVIDIA driver supports CUDA {}.{}; ONNX Runtime 1.31's GPU providers need CUDA 13 (driver 580 or newer)",
-                driver_version / 1000,
-                driver_version % 1000 / 10
-            ));
-        }
-        let code = init(0);
-        if code != CUDA_SUCCESS {
-            return Err(failed(code));
-        }
-        let mut devices = 0;
-        let code = count(&mut devices);
-        if code != CUDA_SUCCESS {
-            return Err(failed(code));
-        }
-        if devices == 0 {
-            return Err(format!("{NO_DEVICE}: the driver reports none"));
-        }
-        if device_id < 0 || device_id >= devices {
-            return Err(format!(
-                "--device-id {device_id}: the driver reports {devices} CUDA device(s), 0 to {}",
-                devices - 1
-            ));
-        }
+    let devices = Driver::load()?.devices(13, "ONNX Runtime 1.31's GPU providers")?;
+    if device_id < 0 || device_id >= devices {
+        return Err(format!(
+            "--device-id {device_id}: the driver reports {devices} CUDA device(s), 0 to {}",
+            devices - 1
+        ));
     }
     Ok(())
 }
