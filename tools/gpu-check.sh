@@ -21,7 +21,8 @@
 #                   training rows a --features cuda build (target/cuda/release)
 #   --wheels DIR    install the GPU runtime from these wheels first (see
 #                   tools/install-onnxruntime.sh gpu --list), into .onnxruntime/gpu
-#   --runtime DIR   an installed GPU runtime [default: .onnxruntime/gpu]
+#   --runtime DIR   an installed GPU runtime [default: .onnxruntime/gpu]; its CUDA 13 libraries
+#                   (nvidia/cu13/lib) also serve sagan-train --device cuda
 #   --presets A,B   the presets to check [default: all six]
 #   --providers A,B of cpu, cuda, tensorrt-fp32, tensorrt-fp16 [default: all four]
 #   --out FILE      also write the table to FILE [default: gpu-check.md]
@@ -84,13 +85,18 @@ done
 command -v python3 >/dev/null || die "python3 is needed (to set the attention gammas)"
 
 started=$(date +%s)
+if [[ -n "$wheels" ]]; then
+    extra=()
+    compgen -G "$wheels/tensorrt_cu13_libs-*.whl" >/dev/null || extra=(--no-tensorrt)
+    tools/install-onnxruntime.sh gpu --from "$wheels" "${extra[@]}" >/dev/null || die "installing the GPU runtime from $wheels failed"
+    runtime=.onnxruntime/gpu
+fi
+# sagan-train --device cuda loads CUDA 13's cuBLAS and cuRAND at run time: the GPU runtime's copies.
+if [[ -d "$runtime/nvidia/cu13/lib" ]]; then
+    export LD_LIBRARY_PATH
+    LD_LIBRARY_PATH="$(cd "$runtime/nvidia/cu13/lib" && pwd)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 if [[ $only != train ]]; then
-    if [[ -n "$wheels" ]]; then
-        extra=()
-        compgen -G "$wheels/tensorrt_cu13_libs-*.whl" >/dev/null || extra=(--no-tensorrt)
-        tools/install-onnxruntime.sh gpu --from "$wheels" "${extra[@]}" >/dev/null || die "installing the GPU runtime from $wheels failed"
-        runtime=.onnxruntime/gpu
-    fi
     [[ -s "$runtime/lib/libonnxruntime.so" ]] || die "$runtime has no lib/libonnxruntime.so (--runtime DIR or --wheels DIR)"
     export ORT_DYLIB_PATH
     ORT_DYLIB_PATH="$(cd "$runtime" && pwd)/lib/libonnxruntime.so"
