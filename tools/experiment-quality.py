@@ -51,6 +51,7 @@ ARMS = {
     "torch-xavier-init": ("torch", "sagan-mnist28", PAPER + ["--init", "xavier"], [], "mnist"),
     "torch-orthogonal-init": ("torch", "sagan-mnist28", PAPER + ["--init", "orthogonal"], [], "mnist"),
     "sagan-fast-g": ("sagan", "sagan-mnist28", FAST_G, [], "mnist"),
+    "sagan-xavier-fast-g": ("sagan", "sagan-mnist28", FAST_G, XAVIER, "mnist"),
     "dcgan-fast-g": ("sagan", "dcgan-mnist28", FAST_G, [], "mnist"),
     "torch-fast-g": ("torch", "sagan-mnist28", FAST_G + ["--init", "pytorch"], [], "mnist"),
     "sagan-fashion": ("sagan", "sagan-mnist28", FAST_G, [], "fashion"),
