@@ -47,6 +47,9 @@ ARMS = {
     "sagan-normal-init": ("sagan", "sagan-mnist28", PAPER, [("init = \"pytorch\"", "init = \"normal\"")], "mnist"),
     "sagan-xavier-init": ("sagan", "sagan-mnist28", PAPER, XAVIER, "mnist"),
     "sagan-orthogonal-init": ("sagan", "sagan-mnist28", PAPER, ORTHOGONAL, "mnist"),
+    # The paper's rates times sqrt(3), the ratio of orthogonal weights' scale to PyTorch's.
+    "sagan-orthogonal-scaled-lr": ("sagan", "sagan-mnist28", ["--lr-d", "6.93e-4", "--lr-g", "1.73e-4",
+                                                              "--batch-size", "64"], ORTHOGONAL, "mnist"),
     "torch-normal-init": ("torch", "sagan-mnist28", PAPER + ["--init", "normal"], [], "mnist"),
     "torch-xavier-init": ("torch", "sagan-mnist28", PAPER + ["--init", "xavier"], [], "mnist"),
     "torch-orthogonal-init": ("torch", "sagan-mnist28", PAPER + ["--init", "orthogonal"], [], "mnist"),
