@@ -131,7 +131,8 @@ def evaluate(arm, run_dir, raw):
     path = os.path.join(run_dir, "fid.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     ckpts = os.path.join(run_dir, "train", "checkpoints")
-    for step_dir in sorted(os.listdir(ckpts)):
+    # Only finished checkpoints: a running trainer's `.step-N.partial` is not one yet.
+    for step_dir in sorted(d for d in os.listdir(ckpts) if d.startswith("step-")):
         step = str(int(step_dir.split("-")[1]))
         for weights in ["ema", "raw"] if raw else ["ema"]:
             key = f"{step}/{weights}"
